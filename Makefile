@@ -1,0 +1,61 @@
+# Only python3 and make are assumed. Everything else is installed here:
+# Python packages into .venv at pinned versions, system tools from Debian.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# apt-get needs root; elsewhere use sudo.
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Server flags come from HELLO_* environment variables (see README), e.g.
+#   make run HELLO_PORT=9000 HELLO_FAILURE_RATE=0
+export HELLO_HOST HELLO_PORT HELLO_MAX_DELAY HELLO_FAILURE_RATE HELLO_SEED HELLO_ACCESS_LOG HELLO_GRACE_PERIOD
+
+.PHONY: help run test lint tools clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+# --- set-up -------------------------------------------------------------------
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# One stamp per requirements file: `make run` needs only the server's.
+$(VENV)/.run: requirements.txt | $(BIN)/activate
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/activate
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Debian's prometheus package gives promtool and a real Prometheus for the
+# end-to-end tests.
+tools: ## install the system tools the tests use (Debian packages)
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing from Debian"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# --- the server ---------------------------------------------------------------
+
+run: $(VENV)/.run ## start the server on :8080 (Ctrl-C stops it)
+	$(PY) hello_server.py
+
+# --- checks -------------------------------------------------------------------
+
+test: $(VENV)/.dev tools ## run every test
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev ## check style and every config file
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__
