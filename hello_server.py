@@ -1,0 +1,363 @@
+"""The tutorial's hello server, in the standard library, instrumented for Prometheus.
+
+GET /hello sleeps a random delay in [0, max_delay) and then fails with HTTP 500
+"Error" with probability failure_rate, else answers 200 "Hello!". GET /metrics
+serves the Prometheus exposition from the same port. Run ``python
+hello_server.py --help`` for the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, MetricsHandler
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from metrics import HTTPMetrics, instrument
+
+HELLO = "/hello"
+METRICS = "/metrics"
+ROUTES = (HELLO, METRICS)
+ALLOWED = "GET, HEAD"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_delay: float = 1.0
+    failure_rate: float = 0.2
+    seed: int | None = None
+    access_log: bool = True
+    grace_period: float = 10.0
+
+
+class InFlight:
+    """Counts requests being handled, so shutdown can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._idle:
+            self._count -= 1
+            if not self._count:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if timeout ran out first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._count, timeout)
+
+
+class HelloServer(ThreadingHTTPServer):
+    """A threading server that carries the configuration its handlers read."""
+
+    # socketserver's default backlog of 5 drops SYNs under a burst of
+    # connections, and clients then retry only after 1 s, 2 s, 4 s.
+    request_queue_size = 1024
+
+    def __init__(self, config: Config, handler: type[HelloHandler], registry: CollectorRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self.rng = random.Random(config.seed)
+        self.in_flight = InFlight()
+        self.stopping = False
+        super().__init__((config.host, config.port), handler)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that hangs up is routine, not a server error.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class HelloHandler(MetricsHandler):
+    """The application: routes, the random delay and failure, the access log.
+
+    It knows nothing of the request metrics; ``metrics.instrument`` adds them.
+    It subclasses ``MetricsHandler`` to serve /metrics with the library's own
+    content negotiation (OpenMetrics, gzip, ``name[]``).
+    """
+
+    server: HelloServer
+    # HTTP/1.0 (the stdlib default) closes every connection: about 4x slower.
+    protocol_version = "HTTP/1.1"
+    # Buffer each response; handle_one_request flushes it in one write, so
+    # headers and body never wait on Nagle's algorithm for the client's ACK.
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
+
+    @property
+    def registry(self) -> CollectorRegistry:  # type: ignore[override]
+        return self.server.registry
+
+    # --- request life cycle -------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        self._received = time.perf_counter()
+        self._headers_ended = False
+        self._hold_headers = False
+        try:
+            super().handle_one_request()
+            self.wfile.flush()
+        except (ConnectionError, TimeoutError):
+            # The client went away; there is no one left to answer.
+            self.close_connection = True
+        except Exception:
+            self.close_connection = True
+            traceback.print_exc(file=sys.stderr)
+            if not self._headers_ended:
+                # Drop a status line the handler may have buffered before it
+                # raised; the client has received nothing yet.
+                self._headers_buffer = []
+                try:
+                    self._respond(500, b"Internal Server Error\n")
+                    self.wfile.flush()
+                except (ConnectionError, TimeoutError):
+                    pass
+
+    def parse_request(self) -> bool:
+        # The access log's clock; the metrics keep their own.
+        self._received = time.perf_counter()
+        return super().parse_request()
+
+    def end_headers(self) -> None:
+        if self._hold_headers:
+            return
+        self._headers_ended = True
+        super().end_headers()
+
+    def do_GET(self) -> None:
+        route = self.path.partition("?")[0]
+        if route == HELLO:
+            with self.server.in_flight:
+                self._hello()
+        elif route == METRICS:
+            self._metrics()
+        else:
+            self._respond(404, b"Not Found\n")
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def _other_method(self) -> None:
+        # We read no request body, so the connection cannot be reused.
+        self.close_connection = True
+        if self.path.partition("?")[0] in ROUTES:
+            self._respond(405, b"Method Not Allowed\n", [("Allow", ALLOWED)])
+        else:
+            self._respond(404, b"Not Found\n")
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = _other_method
+
+    # --- routes -------------------------------------------------------------
+
+    def _hello(self) -> None:
+        config, rng = self.server.config, self.server.rng
+        if config.max_delay > 0:
+            time.sleep(rng.uniform(0, config.max_delay))
+        if rng.random() < config.failure_rate:
+            self._respond(500, b"Error\n")
+        else:
+            self._respond(200, b"Hello!\n")
+
+    def _metrics(self) -> None:
+        # MetricsHandler.do_GET writes the exposition without Content-Length,
+        # which leaves a keep-alive client waiting for a close that never
+        # comes. Capture its body, then add the header.
+        sink = io.BytesIO()
+        wfile, self.wfile = self.wfile, sink
+        self._hold_headers = True
+        try:
+            MetricsHandler.do_GET(self)
+        finally:
+            self.wfile, self._hold_headers = wfile, False
+        body = sink.getvalue()
+        self._end_response(body)
+
+    def _respond(self, status: int, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        for name, value in headers:
+            self.send_header(name, value)
+        self._end_response(body)
+
+    def _end_response(self, body: bytes) -> None:
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection or self.server.stopping:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    # --- logging ------------------------------------------------------------
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if not self.server.config.access_log:
+            return
+        # logfmt: one line per response, parseable by Loki, Vector, grep.
+        path = getattr(self, "path", None)
+        sys.stderr.write(
+            f"ts={time.strftime('%Y-%m-%dT%H:%M:%S%z')} client={self.client_address[0]} "
+            f"method={self.command or '-'} path={json.dumps(path) if path else '-'} "
+            f"status={int(code) if str(code).isdigit() else code} "
+            f"duration={time.perf_counter() - self._received:.6f}\n"
+        )
+
+    def log_error(self, format: str, *args: object) -> None:
+        # The stdlib's own error lines ("code 400, message ...") repeat what
+        # the access log already says.
+        pass
+
+
+def make_server(config: Config, registry: CollectorRegistry | None = None, instrumented: bool = True) -> HelloServer:
+    """Bind a server for config; its /metrics serves registry (a new one if None)."""
+    if registry is None:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    handler: type[HelloHandler] = HelloHandler
+    if instrumented:
+        handler = instrument(HelloHandler, HTTPMetrics(registry, routes=ROUTES))  # type: ignore[assignment]
+    return HelloServer(config, handler, registry)
+
+
+def serve(server: HelloServer, stop: threading.Event) -> bool:
+    """Serve until stop is set, then shut down gracefully.
+
+    Stops accepting, lets requests in flight finish within the grace period
+    (their responses say Connection: close), and closes the socket. Returns
+    False if requests were still running when the grace period ran out.
+    """
+    thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    thread.start()
+    stop.wait()
+    server.stopping = True
+    server.shutdown()
+    thread.join()
+    server.server_close()
+    # Idle keep-alive connections are daemon threads blocked on a read:
+    # they end with the process.
+    return server.in_flight.wait_idle(server.config.grace_period)
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(text)
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+def _switch(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+# argparse names the type in its error: "invalid probability in [0, 1] value: '2'".
+_probability.__name__ = "probability in [0, 1]"
+_seconds.__name__ = "number of seconds >= 0"
+_port.__name__ = "port in 0..65535"
+_switch.__name__ = "on/off"
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from flags, each defaulting to a HELLO_* environment variable.
+
+    A bad value, from a flag or the environment, exits with status 2 and says which.
+    """
+    env = os.environ if environ is None else environ
+    d = Config()
+    parser = argparse.ArgumentParser(
+        description="The tutorial's hello server, instrumented for Prometheus.",
+        epilog="Every flag defaults to the HELLO_* environment variable named in its help.",
+    )
+
+    def option(flag: str, kind: Callable[[str], object], default: object, text: str) -> None:
+        var = "HELLO_" + flag[2:].upper().replace("-", "_")
+        # argparse runs string defaults through `type`, so a bad environment
+        # value is reported like a bad flag.
+        value = env.get(var, "" if default is None else str(default))
+        if var in env:
+            try:
+                kind(value)
+            except ValueError:
+                parser.error(f"environment variable {var}: invalid {kind.__name__} value: {value!r}")
+        parser.add_argument(flag, type=kind, default=value or None, help=f"{text} ({var}, default: %(default)s)")
+
+    option("--host", str, d.host, "address to bind")
+    option("--port", _port, d.port, "port; 0 picks a free one")
+    option("--max-delay", _seconds, d.max_delay, "/hello sleeps uniformly in [0, this) seconds")
+    option("--failure-rate", _probability, d.failure_rate, "share of /hello answered 500")
+    option("--seed", int, d.seed, "seed for reproducible delays and failures")
+    option("--access-log", _switch, "on" if d.access_log else "off", "one logfmt line per response on stderr")
+    option("--grace-period", _seconds, d.grace_period, "seconds requests in flight get to finish on SIGTERM")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        server = make_server(config)
+    except OSError as e:
+        print(
+            f"hello_server: cannot listen on {config.host}:{config.port}: {e.strerror}; "
+            "pick another --port or stop what uses it",
+            file=sys.stderr,
+        )
+        return 1
+    stop = threading.Event()
+    # Python as PID 1 in a container ignores SIGTERM unless it asks for it;
+    # docker stop sends SIGTERM, then SIGKILL after 10 s.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    host, port = server.server_address[:2]
+    print(f"hello_server: listening on http://{host}:{port} (try /hello and /metrics)", file=sys.stderr, flush=True)
+    drained = serve(server, stop)
+    print(
+        "hello_server: stopped" if drained else "hello_server: stopped; grace period ran out with requests in flight",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
