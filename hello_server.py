@@ -314,8 +314,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         var = "HELLO_" + flag[2:].upper().replace("-", "_")
         # argparse runs string defaults through `type`, so a bad environment
         # value is reported like a bad flag.
-        value = env.get(var, "" if default is None else str(default))
-        if var in env:
+        # An empty variable means "unset", as in shells and compose files.
+        value = env.get(var) or ("" if default is None else str(default))
+        if env.get(var):
             try:
                 kind(value)
             except ValueError:
