@@ -8,11 +8,10 @@ PY     := $(BIN)/python
 # apt-get needs root; elsewhere use sudo.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Server flags come from HELLO_* environment variables (see README), e.g.
-#   make run HELLO_PORT=9000 HELLO_FAILURE_RATE=0
-export HELLO_HOST HELLO_PORT HELLO_MAX_DELAY HELLO_FAILURE_RATE HELLO_SEED HELLO_ACCESS_LOG HELLO_GRACE_PERIOD
+# Server flags come from HELLO_* environment variables (see README), which
+# make passes on, e.g.  make run HELLO_PORT=9000 HELLO_FAILURE_RATE=0
 
-.PHONY: help run test lint tools clean
+.PHONY: help run stack test lint tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -47,6 +46,11 @@ tools: ## install the system tools the tests use (Debian packages)
 
 run: $(VENV)/.run ## start the server on :8080 (Ctrl-C stops it)
 	$(PY) hello_server.py
+
+# --- the monitoring stack -------------------------------------------------------
+
+stack: $(VENV)/.dev tools ## the app on :8080 and a real Prometheus on :9090, no Docker (Ctrl-C stops)
+	$(PY) stack.py
 
 # --- checks -------------------------------------------------------------------
 
