@@ -1,0 +1,945 @@
+"""Mock traffic for the hello server, and an audit of its metrics against it.
+
+Two ways to drive a URL (default http://127.0.0.1:8080/hello):
+
+- open loop, ``--rate R``: request i is due at start + i/R whatever the server
+  does. A slow server does not slow the schedule down, and latency is measured
+  from the time a request was *due*, not from when it was finally sent, so the
+  wait it spent behind slow requests is not hidden (no coordinated omission).
+  Every request that finds no idle keep-alive connection opens a new one.
+- closed loop, ``--concurrency N``: N workers, each sending its next request
+  as soon as the previous one is answered, each on its own keep-alive
+  connection.
+
+It runs for ``--duration`` seconds or ``--requests`` requests, shows a live
+progress line on stderr, and prints a summary (``--json FILE`` writes it too).
+
+``--audit`` scrapes the server's /metrics before and after the run and checks
+that the server counted exactly what this client saw; with ``--prometheus
+URL`` it checks the same through Prometheus after its next scrape.
+
+It is one asyncio event loop on raw streams, a measured choice: see the
+README's load section. Standard library plus prometheus-client's exposition
+parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import math
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+DEFAULT_URL = "http://127.0.0.1:8080/hello"
+QUANTILES = (0.5, 0.9, 0.99)
+
+# The server's metric names (metrics.py).
+REQUESTS = "http_requests_total"
+STATUSES = "response_status_total"
+LATENCY = "http_response_time_seconds"
+
+
+class UsageError(Exception):
+    """A bad argument or an unusable target: one line on stderr, exit status 2."""
+
+
+# --- the plan ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    host: str
+    port: int
+    request_target: str  # path and query, as sent on the request line
+    path: str  # without the query
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http":
+            raise UsageError(f"malformed URL {url!r}: only http:// URLs are supported")
+        try:
+            port = parts.port or 80
+        except ValueError as e:
+            raise UsageError(f"malformed URL {url!r}: {e}") from None
+        if not parts.hostname:
+            raise UsageError(f"malformed URL {url!r}: no host")
+        if any(c.isspace() for c in url):
+            raise UsageError(f"malformed URL {url!r}: contains white space")
+        path = parts.path or "/"
+        request_target = path + (f"?{parts.query}" if parts.query else "")
+        return cls(url, parts.hostname, port, request_target, path)
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def sibling(self, path: str) -> str:
+        """The URL of another path on the same server."""
+        return f"http://{self.netloc}{path}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: Target
+    rate: float | None = None  # open loop
+    concurrency: int | None = None  # closed loop
+    duration: float | None = None
+    requests: int | None = None
+    timeout: float = 10.0
+    method: str = "GET"
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate is not None
+
+    def describe(self) -> str:
+        how = f"open loop at {self.rate:g} req/s" if self.open_loop else f"closed loop, {self.concurrency} connections"
+        if self.requests is not None:
+            until = f"{self.requests} requests"
+            if self.duration is not None:
+                until += f" or {self.duration:g} s"
+        else:
+            until = f"{self.duration:g} s"
+        return f"{self.method} {self.target.url}, {how}, {until}, timeout {self.timeout:g} s"
+
+
+# --- what the client saw ----------------------------------------------------
+
+
+@dataclass
+class Stats:
+    """Everything measured during a run; the event loop is its only writer."""
+
+    plan: Plan
+    started: float = 0.0  # time.monotonic()
+    started_wall: float = 0.0  # time.time()
+    first_send: float = 0.0
+    last_send: float = 0.0
+    finished: float = 0.0
+    sent: int = 0  # requests begun (written, or tried to connect for)
+    statuses: Counter[int] = field(default_factory=Counter)
+    timeouts: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # transport errors by kind
+    # Seconds from the time each answered request was due (open loop) or
+    # sent (closed loop) to the end of its response.
+    latencies: list[float] = field(default_factory=list)
+    # Seconds from writing the request to the end of the response: what the
+    # server's own histogram measures, plus the network.
+    service_times: list[float] = field(default_factory=list)
+    # Open loop: how late each request was written, behind its schedule.
+    send_lags: list[float] = field(default_factory=list)
+    connections_opened: int = 0
+
+    @property
+    def responses(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def failures(self) -> int:
+        """Requests with no response: timeouts and transport errors."""
+        return self.timeouts + sum(self.errors.values())
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    def send_rate(self) -> float:
+        """Requests begun per second over the time they were being sent."""
+        if self.sent == 0:
+            return 0.0
+        rate = self.plan.rate
+        # n requests due at 0, 1/R, ..., (n-1)/R span n/R seconds of schedule.
+        window = self.last_send - self.first_send + (1 / rate if rate else 0.0)
+        return self.sent / window if window > 0 else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = self.elapsed
+        return {
+            "plan": self.plan.describe(),
+            "url": self.plan.target.url,
+            "mode": "open" if self.plan.open_loop else "closed",
+            "target_rate": self.plan.rate,
+            "concurrency": self.plan.concurrency,
+            "started": self.started_wall,
+            "elapsed_seconds": elapsed,
+            "sent": self.sent,
+            "send_rate": self.send_rate(),
+            "responses": self.responses,
+            "response_rate": self.responses / elapsed if elapsed > 0 else 0.0,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "timeouts": self.timeouts,
+            "transport_errors": dict(self.errors),
+            "connections_opened": self.connections_opened,
+            "latency_seconds": distribution(self.latencies),
+            "service_time_seconds": distribution(self.service_times),
+            "send_lag_seconds": distribution(self.send_lags) if self.send_lags else None,
+        }
+
+
+def quantile(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted values (nearest rank); NaN when empty."""
+    if not ordered:
+        return float("nan")
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def distribution(values: Iterable[float]) -> dict[str, float | int]:
+    ordered = sorted(values)
+    out: dict[str, float | int] = {"count": len(ordered)}
+    if ordered:
+        out["min"] = ordered[0]
+        for q in QUANTILES:
+            out[f"p{q * 100:g}"] = quantile(ordered, q)
+        out["max"] = ordered[-1]
+        out["mean"] = sum(ordered) / len(ordered)
+    return out
+
+
+# --- HTTP/1.1 on asyncio streams --------------------------------------------
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection, one request at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, target: Target) -> Connection:
+        reader, writer = await asyncio.open_connection(target.host, target.port, limit=1 << 20)
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    async def exchange(self, request: bytes) -> tuple[int, bool]:
+        """Send a request and read the whole response: (status, reusable)."""
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/") or not code.isdigit():
+            raise ProtocolError(f"bad status line {lines[0]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        status = int(code)
+        keep = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
+        if request.startswith(b"HEAD ") or status in (204, 304) or 100 <= status < 200:
+            pass
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        elif "content-length" in headers:
+            await self.reader.readexactly(int(headers["content-length"]))
+        else:
+            await self.reader.read()  # the body ends with the connection
+            keep = False
+        return status, keep
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed mid-response" if exc.partial else "connection closed"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
+
+
+# --- the run ----------------------------------------------------------------
+
+
+class Generator:
+    def __init__(self, plan: Plan, progress: Progress | None = None) -> None:
+        self.plan = plan
+        self.stats = Stats(plan)
+        self.progress = progress
+        t = plan.target
+        self.request = (
+            f"{plan.method} {t.request_target} HTTP/1.1\r\nHost: {t.netloc}\r\n"
+            "User-Agent: loadgen\r\nAccept: */*\r\n\r\n"
+        ).encode("latin-1")
+        self.idle: list[Connection] = []
+        self.busy: set[Connection] = set()
+
+    async def run(self) -> Stats:
+        s = self.stats
+        s.started, s.started_wall = time.monotonic(), time.time()
+        reporter = asyncio.create_task(self._report()) if self.progress else None
+        try:
+            if self.plan.open_loop:
+                await self._open_loop()
+            else:
+                await self._closed_loop()
+        finally:
+            s.finished = time.monotonic()
+            if reporter:
+                reporter.cancel()
+            for conn in self.idle + list(self.busy):
+                conn.close()
+            if self.progress:
+                self.progress.done(s)
+        return s
+
+    def _more(self, now: float, sent: int) -> bool:
+        plan, s = self.plan, self.stats
+        if plan.requests is not None and sent >= plan.requests:
+            return False
+        return plan.duration is None or now - s.started < plan.duration
+
+    async def _open_loop(self) -> None:
+        plan, s = self.plan, self.stats
+        assert plan.rate is not None
+        interval = 1.0 / plan.rate
+        tasks: set[asyncio.Task[None]] = set()
+        i = 0
+        while True:
+            due = s.started + i * interval
+            if not self._more(due, i):
+                break
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Late or not, every request keeps its place in the schedule: a
+            # slow server does not make the client ask less.
+            task = asyncio.create_task(self._one(due, None))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            i += 1
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _closed_loop(self) -> None:
+        assert self.plan.concurrency is not None
+
+        async def worker() -> None:
+            conn: Connection | None = None
+            while self._more(time.monotonic(), self.stats.sent):
+                conn = await self._one(None, conn)
+
+        await asyncio.gather(*(worker() for _ in range(self.plan.concurrency)))
+
+    async def _one(self, due: float | None, conn: Connection | None) -> Connection | None:
+        """One request; due is its scheduled time (open loop).
+
+        Closed loop passes its connection in and gets it back (None if closed).
+        """
+        s = self.stats
+        pooled = due is not None
+        start = time.monotonic()
+        s.sent += 1
+        if s.sent == 1:
+            s.first_send = start
+        s.last_send = start
+        if due is not None:
+            s.send_lags.append(max(0.0, start - due))
+        else:
+            due = start
+        try:
+            async with asyncio.timeout(self.plan.timeout):
+                if pooled:
+                    conn = self.idle.pop() if self.idle else None
+                if conn is None:
+                    conn = await Connection.open(self.plan.target)
+                    s.connections_opened += 1
+                self.busy.add(conn)
+                written = time.monotonic()
+                status, keep = await conn.exchange(self.request)
+        except TimeoutError:
+            s.timeouts += 1
+            keep = False
+        except (OSError, EOFError, ValueError, ProtocolError, asyncio.LimitOverrunError) as e:
+            s.errors[_error_kind(e)] += 1
+            keep = False
+        else:
+            end = time.monotonic()
+            s.statuses[status] += 1
+            s.latencies.append(end - due)
+            s.service_times.append(end - written)
+        if conn is None:
+            return None
+        self.busy.discard(conn)
+        if not keep:
+            # A timed-out or broken connection may still carry a late
+            # response: it cannot be reused.
+            conn.close()
+            return None
+        if pooled:
+            self.idle.append(conn)
+        return conn
+
+    async def _report(self) -> None:
+        assert self.progress is not None
+        while True:
+            await asyncio.sleep(self.progress.interval)
+            self.progress.show(self.stats)
+
+
+class Progress:
+    """The live line on stderr: redrawn in place on a terminal, else a plain line every few seconds."""
+
+    def __init__(self, stream: TextIO, interval: float | None = None) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = interval if interval is not None else (0.5 if self.tty else 5.0)
+
+    def line(self, s: Stats) -> str:
+        recent = sorted(s.latencies[-20000:])
+        elapsed = s.elapsed
+        rate = s.sent / elapsed if elapsed > 0 else 0.0
+        errors = s.failures + sum(n for code, n in s.statuses.items() if code >= 500)
+        return (
+            f"{elapsed:6.1f}s  sent {s.sent}  {rate:7.1f} req/s  answered {s.responses}  "
+            f"in flight {s.sent - s.responses - s.failures}  5xx+failed {errors}  "
+            f"p50 {_ms(quantile(recent, 0.5))}  p99 {_ms(quantile(recent, 0.99))}"
+        )
+
+    def show(self, s: Stats) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K" + self.line(s))
+        else:
+            self.stream.write(self.line(s) + "\n")
+        self.stream.flush()
+
+    def done(self, s: Stats) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "-"
+    return f"{seconds * 1000:.1f} ms"
+
+
+def run(plan: Plan, progress: Progress | None = None) -> Stats:
+    """Drive the target according to plan; blocks until done."""
+    return asyncio.run(Generator(plan, progress).run())
+
+
+def check_reachable(target: Target, timeout: float = 5.0) -> None:
+    """Fail fast with a UsageError if nothing listens at the target."""
+    try:
+        socket.create_connection((target.host, target.port), timeout=timeout).close()
+    except socket.gaierror as e:
+        raise UsageError(f"cannot resolve {target.host!r}: {e.strerror}") from None
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UsageError(f"cannot connect to {target.netloc}: {reason}; is the server running?") from None
+
+
+# --- the summary table ------------------------------------------------------
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    out = [f"loadgen: {summary['plan']}", ""]
+    rows = [
+        ("elapsed", f"{summary['elapsed_seconds']:.2f} s"),
+        ("sent", f"{summary['sent']}"),
+    ]
+    rate = f"{summary['send_rate']:.1f} req/s"
+    if summary["target_rate"]:
+        rate += f" (target {summary['target_rate']:g}, {summary['send_rate'] / summary['target_rate'] - 1:+.2%})"
+    rows.append(("achieved rate", rate))
+    lag = summary["send_lag_seconds"]
+    if lag and lag["count"]:
+        rows.append(("behind schedule", f"p99 {_ms(lag['p99'])}, max {_ms(lag['max'])}"))
+    rows.append(("answered", f"{summary['responses']} ({summary['response_rate']:.1f}/s over the run)"))
+    for code, n in summary["statuses"].items():
+        rows.append((f"  status {code}", f"{n} ({n / max(1, summary['sent']):.1%})"))
+    rows.append(("timeouts", str(summary["timeouts"])))
+    errors = summary["transport_errors"]
+    rows.append(("transport errors", str(sum(errors.values()))))
+    for kind, n in sorted(errors.items()):
+        rows.append((f"  {kind}", str(n)))
+    rows.append(("connections", f"{summary['connections_opened']} opened"))
+    width = max(len(k) for k, _ in rows)
+    out += [f"  {k:<{width}}  {v}" for k, v in rows]
+    out += ["", f"  {'latency':<16}" + "".join(f"{h:>10}" for h in ("min", "p50", "p90", "p99", "max"))]
+    for name, key in (("from due time", "latency_seconds"), ("send to answer", "service_time_seconds")):
+        d = summary[key]
+        cells = [_ms(d.get(k)) for k in ("min", "p50", "p90", "p99", "max")]
+        out.append(f"  {name:<16}" + "".join(f"{c:>10}" for c in cells))
+    return "\n".join(out)
+
+
+# --- the audit --------------------------------------------------------------
+
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+def parse_exposition(text: str) -> dict[Sample, float]:
+    """{(sample name, labels): value} of a text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[Sample, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def scrape(url: str, timeout: float = 10.0) -> dict[Sample, float]:
+    request = urllib.request.Request(url, headers={"Accept": "text/plain"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return parse_exposition(response.read().decode("utf-8"))
+
+
+def series(samples: Mapping[Sample, float], name: str, label: str) -> dict[str, float]:
+    """{value of label: sample value} for every sample of one name."""
+    return {dict(labels)[label]: v for (n, labels), v in samples.items() if n == name and label in dict(labels)}
+
+
+def buckets(samples: Mapping[Sample, float], path: str) -> list[tuple[float, float]]:
+    """Sorted (upper bound, cumulative count) of the latency histogram of path."""
+    out = []
+    for (n, labels), v in samples.items():
+        d = dict(labels)
+        if n == LATENCY + "_bucket" and d.get("path") == path:
+            out.append((float(d["le"]), v))
+    return sorted(out)
+
+
+def histogram_quantile(q: float, cumulative: Sequence[tuple[float, float]]) -> float:
+    """Prometheus' histogram_quantile over (upper bound, cumulative count) pairs."""
+    if not cumulative or cumulative[-1][1] == 0:
+        return float("nan")
+    total = cumulative[-1][1]
+    rank = q * total
+    previous_bound, previous_count = 0.0, 0.0
+    for i, (bound, count) in enumerate(cumulative):
+        if count >= rank:
+            if math.isinf(bound):
+                # Prometheus answers the largest finite bound.
+                return cumulative[i - 1][0] if i else float("nan")
+            if i == 0 and bound <= 0:
+                return bound
+            return previous_bound + (bound - previous_bound) * (rank - previous_count) / (count - previous_count)
+        previous_bound, previous_count = bound, count
+    return float("nan")
+
+
+def bucket_of(value: float, bounds: Sequence[float]) -> tuple[float, float]:
+    """The (lower, upper] bucket a value falls in."""
+    lower = 0.0
+    for bound in bounds:
+        if value <= bound:
+            return lower, bound
+        lower = bound
+    return lower, math.inf
+
+
+def _bucket_text(b: tuple[float, float]) -> str:
+    return f"({b[0]:g}, {b[1]:g}]"
+
+
+@dataclass
+class Check:
+    what: str
+    expected: int
+    observed: float
+    slack: int = 0  # requests whose fate on the server is unknown
+
+    @property
+    def ok(self) -> bool:
+        return self.expected <= self.observed <= self.expected + self.slack
+
+    def row(self) -> str:
+        verdict = "ok" if self.ok else "MISMATCH"
+        if self.ok and self.slack and self.observed != self.expected:
+            verdict = "ok within timeouts/errors"
+        return f"  {self.what:<60} {self.expected:>9} {_count(self.observed):>9}  {verdict}"
+
+
+def _count(v: float) -> str:
+    return str(int(v)) if v == int(v) else f"{v:g}"
+
+
+def path_label(samples: Mapping[Sample, float], path: str) -> str:
+    """The path label the server gives path: itself if it has a series, else its catch-all."""
+    paths = series(samples, REQUESTS, "path")
+    return path if path in paths else "other"
+
+
+def count_checks(
+    stats: Stats, before: Mapping[Sample, float], after: Mapping[Sample, float], source: str
+) -> list[Check]:
+    """The exact comparisons: each server-side delta against the client's count."""
+    # A request that timed out or broke may or may not have been answered
+    # (and counted) by the server: it widens the accepted range, it never
+    # hides a miscount of the requests that were answered.
+    slack = stats.failures
+    label = path_label(after, stats.plan.target.path)
+    answered = stats.responses
+
+    def delta(name: str, by: str) -> dict[str, float]:
+        a, b = series(after, name, by), series(before, name, by)
+        return {k: a[k] - b.get(k, 0.0) for k in a}
+
+    requests = delta(REQUESTS, "path")
+    checks = [
+        Check(f'{source}: {REQUESTS}{{path="{label}"}}', answered, requests.get(label, 0.0), slack),
+        Check(f"{source}: {REQUESTS}, all paths", answered, sum(requests.values()), slack),
+        Check(
+            f'{source}: {LATENCY}_count{{path="{label}"}}',
+            answered,
+            delta(LATENCY + "_count", "path").get(label, 0),
+            slack,
+        ),
+    ]
+    statuses = delta(STATUSES, "status")
+    seen = {str(k): v for k, v in stats.statuses.items()}
+    for code in sorted(set(seen) | {k for k, v in statuses.items() if v}):
+        checks.append(
+            Check(f'{source}: {STATUSES}{{status="{code}"}}', seen.get(code, 0), statuses.get(code, 0.0), slack)
+        )
+    return checks
+
+
+def quantile_rows(stats: Stats, before: Mapping[Sample, float], after: Mapping[Sample, float]) -> list[dict[str, Any]]:
+    """The histogram's quantile estimates beside the client's measurements."""
+    label = path_label(after, stats.plan.target.path)
+    b = dict(buckets(before, label))
+    cumulative = [(le, v - b.get(le, 0.0)) for le, v in buckets(after, label)]
+    bounds = [le for le, _ in cumulative if not math.isinf(le)]
+    measured = sorted(stats.service_times)
+    rows = []
+    for q in QUANTILES:
+        estimate = histogram_quantile(q, cumulative)
+        client = quantile(measured, q)
+        rows.append(
+            {
+                "quantile": q,
+                "histogram": estimate,
+                "client": client,
+                "difference": estimate - client,
+                "client_bucket": list(bucket_of(client, bounds)) if measured else None,
+                "histogram_bucket": list(bucket_of(estimate, bounds)) if not math.isnan(estimate) else None,
+            }
+        )
+    return rows
+
+
+class Prometheus:
+    """The few calls of Prometheus' HTTP API the audit needs."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        query = urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?{query}", timeout=self.timeout) as response:
+            body = json.load(response)
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus query {expr!r} failed: {body.get('error')}")
+        return body["data"]["result"]
+
+    def instance_of(self, target: Target) -> str:
+        """The instance label under which Prometheus scrapes target's server."""
+        loopback = {"localhost", "127.0.0.1", "::1"}
+        candidates = set()
+        for item in self.query("up"):
+            instance = item["metric"].get("instance", "")
+            host, _, port = instance.rpartition(":")
+            host = host.strip("[]")
+            if port != str(target.port):
+                continue
+            if host == target.host or (host in loopback and _is_loopback(target.host)):
+                candidates.add(instance)
+        if len(candidates) != 1:
+            found = ", ".join(sorted(candidates)) or "none"
+            raise UsageError(f"Prometheus at {self.url} has no single target for {target.netloc} (found: {found})")
+        return candidates.pop()
+
+    def wait_for_scrape(self, instance: str, after: float, deadline: float) -> float:
+        """Wait until Prometheus has scraped instance after wall time after; return that scrape's time."""
+        expr = f'timestamp(up{{instance="{instance}"}})'
+        while True:
+            result = self.query(expr)
+            if result and float(result[0]["value"][1]) > after:
+                return float(result[0]["value"][1])
+            if time.time() > deadline:
+                raise TimeoutError(f"Prometheus did not scrape {instance} in time")
+            time.sleep(0.1)
+
+    def samples(self, instance: str) -> dict[Sample, float]:
+        """The audited counters as Prometheus last scraped them."""
+        out: dict[Sample, float] = {}
+        for name in (REQUESTS, STATUSES, LATENCY + "_count"):
+            for item in self.query(f'{name}{{instance="{instance}"}}'):
+                labels = {k: v for k, v in item["metric"].items() if k not in ("__name__", "job", "instance")}
+                out[(name, frozenset(labels.items()))] = float(item["value"][1])
+        return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def settled_scrape(url: str, deadline: float) -> dict[Sample, float]:
+    """Scrape until two scrapes in a row agree.
+
+    The server counts a response just after sending it, so the client can
+    hold its last response a moment before the server has counted it.
+    """
+    previous = scrape(url)
+    while True:
+        time.sleep(0.05)
+        current = scrape(url)
+        if current_counts(current) == current_counts(previous) or time.monotonic() > deadline:
+            return current
+        previous = current
+
+
+def current_counts(samples: Mapping[Sample, float]) -> dict[Sample, float]:
+    return {k: v for k, v in samples.items() if k[0] in (REQUESTS, STATUSES, LATENCY + "_count")}
+
+
+@dataclass
+class Audit:
+    checks: list[Check]
+    quantiles: list[dict[str, Any]]
+    notes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def exact(self) -> bool:
+        return all(c.observed == c.expected for c in self.checks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "exact": self.exact,
+            "checks": [dataclasses.asdict(c) | {"ok": c.ok} for c in self.checks],
+            "quantiles": self.quantiles,
+            "notes": self.notes,
+        }
+
+
+def format_audit(audit: Audit) -> str:
+    out = ["audit: the server's counters against what this client saw", ""]
+    out.append(f"  {'counter (delta over the run)':<60} {'client':>9} {'server':>9}")
+    out += [c.row() for c in audit.checks]
+    if audit.quantiles:
+        out += [
+            "",
+            f"  {'latency quantile':<16}{'histogram':>12}{'client':>12}{'diff':>12}  buckets (client / histogram)",
+        ]
+        for r in audit.quantiles:
+            if r["client_bucket"] is None or r["histogram_bucket"] is None:
+                continue
+            same = "same bucket" if r["client_bucket"] == r["histogram_bucket"] else "different buckets"
+            out.append(
+                f"  p{r['quantile'] * 100:<15g}{_ms(r['histogram']):>12}{_ms(r['client']):>12}"
+                f"{r['difference'] * 1000:>+9.1f} ms  {_bucket_text(r['client_bucket'])} / "
+                f"{_bucket_text(r['histogram_bucket'])}, {same}"
+            )
+        out.append("  (the client measures from writing the request to the end of the response)")
+    out += [f"  note: {n}" for n in audit.notes]
+    verdict = "PASS, exact" if audit.exact else ("PASS within timeouts/errors" if audit.ok else "FAIL: counts differ")
+    out += ["", f"audit: {verdict}"]
+    return "\n".join(out)
+
+
+def audited_run(
+    plan: Plan,
+    progress: Progress | None = None,
+    metrics_url: str | None = None,
+    prometheus_url: str | None = None,
+    scrape_timeout: float = 60.0,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[Stats, Audit]:
+    """Run plan between two scrapes of the server (and of Prometheus) and compare."""
+    metrics_url = metrics_url or plan.target.sibling("/metrics")
+    prom = Prometheus(prometheus_url) if prometheus_url else None
+    instance = prom_before = None
+    before = settled_scrape(metrics_url, time.monotonic() + 5)
+    if prom:
+        instance = prom.instance_of(plan.target)
+        log(f"loadgen: waiting for Prometheus to scrape {instance} before the run")
+        prom.wait_for_scrape(instance, time.time(), time.time() + scrape_timeout)
+        prom_before = prom.samples(instance)
+    stats = run(plan, progress)
+    after = settled_scrape(metrics_url, time.monotonic() + 5)
+    settled_at = time.time()
+    checks = count_checks(stats, before, after, "/metrics")
+    notes = []
+    if stats.failures:
+        notes.append(
+            f"{stats.failures} requests timed out or failed: the server may or may not have counted them, "
+            "so each count may exceed the client's by up to that many"
+        )
+    if prom and instance:
+        log(f"loadgen: waiting for Prometheus to scrape {instance} after the run")
+        prom.wait_for_scrape(instance, settled_at, time.time() + scrape_timeout)
+        checks += count_checks(stats, prom_before or {}, prom.samples(instance), "Prometheus")
+    return stats, Audit(checks, quantile_rows(stats, before, after), notes)
+
+
+# --- the command line -------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, no usage block: the --help has that.
+        raise UsageError(f"{message} (see --help)")
+
+
+def _positive(kind: Callable[[str], float | int]) -> Callable[[str], Any]:
+    def parse(text: str) -> float | int:
+        value = kind(text)
+        if not value > 0 or math.isinf(value):
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
+    p = _Parser(
+        prog="loadgen",
+        description="Mock traffic for the hello server, with an audit of its metrics.",
+        epilog="Exit status: 0 done, 1 the audit found a count mismatch, 2 bad arguments or unreachable target.",
+    )
+    p.add_argument("url", nargs="?", default=DEFAULT_URL, help="target URL (default: %(default)s)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--rate", type=_positive(float), help="open loop: requests per second on a fixed schedule")
+    how.add_argument("--concurrency", type=_positive(int), help="closed loop: this many connections, back to back")
+    p.add_argument("--duration", type=_positive(float), help="seconds to run (default 10 unless --requests)")
+    p.add_argument("--requests", type=_positive(int), help="number of requests to send")
+    p.add_argument("--timeout", type=_positive(float), default=10.0, help="per-request timeout, s (default 10)")
+    p.add_argument("--method", choices=("GET", "HEAD"), default="GET")
+    p.add_argument("--json", metavar="FILE", help="write the summary (and audit) as JSON; - for stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--progress-interval", type=_positive(float), help="seconds between progress lines")
+    p.add_argument("--audit", action="store_true", help="check the server's metrics against what the client saw")
+    p.add_argument("--metrics-url", help="where the audit scrapes (default: /metrics on the target's server)")
+    p.add_argument("--prometheus", metavar="URL", help="with --audit: also check through this Prometheus")
+    p.add_argument(
+        "--scrape-timeout", type=_positive(float), default=60.0, help="longest wait for a Prometheus scrape, s"
+    )
+    args = p.parse_args(argv)
+    if args.prometheus and not args.audit:
+        raise UsageError("--prometheus needs --audit")
+    if args.rate is None and args.concurrency is None:
+        args.rate = 10.0
+    if args.duration is None and args.requests is None:
+        args.duration = 10.0
+    target = Target.parse(args.url)
+    for url in filter(None, (args.metrics_url, args.prometheus)):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"malformed URL {url!r}")
+    plan = Plan(target, args.rate, args.concurrency, args.duration, args.requests, args.timeout, args.method)
+    return plan, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        plan, args = parse_args(argv)
+        check_reachable(plan.target)
+    except UsageError as e:
+        print(f"loadgen: error: {e}", file=sys.stderr)
+        return 2
+    progress = None if args.quiet else Progress(sys.stderr, args.progress_interval)
+    print(f"loadgen: {plan.describe()}", file=sys.stderr, flush=True)
+    audit = None
+    try:
+        if args.audit:
+            stats, audit = audited_run(
+                plan,
+                progress,
+                args.metrics_url,
+                args.prometheus,
+                args.scrape_timeout,
+                log=lambda m: print(m, file=sys.stderr, flush=True),
+            )
+        else:
+            stats = run(plan, progress)
+    except KeyboardInterrupt:
+        print("loadgen: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as e:
+        print(f"loadgen: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, TimeoutError, RuntimeError, ValueError) as e:
+        print(f"loadgen: audit failed: {e}", file=sys.stderr)
+        return 1
+    summary = stats.summary()
+    print(format_summary(summary))
+    if audit is not None:
+        summary["audit"] = audit.as_dict()
+        print()
+        print(format_audit(audit))
+    if args.json:
+        text = json.dumps(_finite(summary), indent=2, allow_nan=False)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 1 if audit is not None and not audit.ok else 0
+
+
+def _finite(o: Any) -> Any:
+    """o with NaN and infinities as null: JSON has neither."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+if __name__ == "__main__":
+    # Make a broken pipe (loadgen ... | head) quiet.
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
