@@ -117,6 +117,9 @@ class HelloHandler(MetricsHandler):
         self._received = time.perf_counter()
         self._headers_ended = False
         self._hold_headers = False
+        # The stdlib answers an over-long request line (414) before it parses
+        # anything: the access log must not show the previous request's path.
+        self.path = None  # type: ignore[assignment]
         try:
             super().handle_one_request()
             self.wfile.flush()
