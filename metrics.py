@@ -113,10 +113,12 @@ class InstrumentedHandler(BaseHTTPRequestHandler):
         try:
             super().handle_one_request()
         finally:
-            if self._in_flight:
-                self.metrics.in_flight.dec()
             if self._status is not None and self._path_label is not None:
                 self.metrics.observe(self._path_label, self._status, time.perf_counter() - self._started)
+            # Last, so a scrape that reads in-flight 0 after a client's final
+            # response also sees that response counted (the audit relies on it).
+            if self._in_flight:
+                self.metrics.in_flight.dec()
 
     def parse_request(self) -> bool:
         self._started = time.perf_counter()
