@@ -88,6 +88,7 @@ lint: $(VENV)/.dev tools ## check style and every config file
 	"$$($(PY) -c 'import compose, os; print(os.path.dirname(compose.__file__))')/docker-compose" \
 	  -f docker-compose.yml config --quiet
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	$(PY) check_dashboards.py
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__
