@@ -1,0 +1,217 @@
+"""loadgen.py against the real hello server on loopback: exact counts, the audit, bad arguments."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import loadgen
+from hello_server import Config, make_server
+
+HERE = Path(__file__).parent
+
+ServerFactory = Callable[..., str]
+
+
+@pytest.fixture
+def server() -> Iterator[ServerFactory]:
+    """Start hello servers on ephemeral loopback ports; returns their base URL."""
+    started = []
+
+    def start(**overrides: object) -> str:
+        settings = {"host": "127.0.0.1", "port": 0, "max_delay": 0.0, "failure_rate": 0.3, "seed": 7}
+        config = Config(access_log=False, **(settings | overrides))  # type: ignore[arg-type]
+        srv = make_server(config)
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        started.append((srv, thread))
+        host, port = srv.server_address[:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for srv, thread in started:
+        srv.shutdown()
+        thread.join()
+        srv.server_close()
+
+
+def plan(url: str, **kw: object) -> loadgen.Plan:
+    return loadgen.Plan(loadgen.Target.parse(url), **kw)  # type: ignore[arg-type]
+
+
+def test_closed_loop_counts_every_request_exactly(server: ServerFactory) -> None:
+    base = server(failure_rate=0.5)
+    stats, audit = loadgen.audited_run(plan(base + "/hello", concurrency=8, requests=400))
+    assert stats.sent == stats.responses == 400
+    assert set(stats.statuses) == {200, 500}
+    assert stats.failures == 0
+    assert audit.exact and audit.ok, loadgen.format_audit(audit)
+    assert {c.what for c in audit.checks} >= {
+        '/metrics: http_requests_total{path="/hello"}',
+        '/metrics: response_status_total{status="200"}',
+        '/metrics: response_status_total{status="500"}',
+        '/metrics: http_response_time_seconds_count{path="/hello"}',
+    }
+
+
+def test_open_loop_sends_the_planned_count_and_reuses_connections(server: ServerFactory) -> None:
+    base = server(max_delay=0.02)
+    stats, audit = loadgen.audited_run(plan(base + "/hello", rate=200.0, requests=150))
+    assert stats.sent == stats.responses == 150
+    assert len(stats.send_lags) == len(stats.latencies) == 150
+    # Keep-alive: far fewer connections than requests.
+    assert stats.connections_opened < 150
+    assert all(lat >= svc for lat, svc in zip(stats.latencies, stats.service_times, strict=True))
+    assert audit.exact, loadgen.format_audit(audit)
+
+
+def test_open_loop_duration_sets_the_count_from_the_schedule(server: ServerFactory) -> None:
+    base = server()
+    stats = loadgen.run(plan(base + "/hello", rate=100.0, duration=0.5))
+    # Requests are due at 0, 10 ms, ..., 490 ms.
+    assert stats.sent == stats.responses == 50
+
+
+def test_unknown_path_is_audited_under_the_servers_catch_all_label(server: ServerFactory) -> None:
+    base = server()
+    stats, audit = loadgen.audited_run(plan(base + "/no/such/page?x=1", concurrency=3, requests=30))
+    assert stats.statuses == {404: 30}
+    assert audit.exact, loadgen.format_audit(audit)
+    assert '/metrics: http_requests_total{path="other"}' in {c.what for c in audit.checks}
+
+
+def test_head_requests(server: ServerFactory) -> None:
+    base = server(failure_rate=0.0)
+    stats, audit = loadgen.audited_run(plan(base + "/hello", concurrency=2, requests=20, method="HEAD"))
+    assert stats.statuses == {200: 20}
+    assert audit.exact
+
+
+def test_audit_quantiles_name_the_buckets(server: ServerFactory) -> None:
+    base = server(max_delay=0.03, failure_rate=0.0)
+    _, audit = loadgen.audited_run(plan(base + "/hello", concurrency=10, requests=100))
+    assert [r["quantile"] for r in audit.quantiles] == [0.5, 0.9, 0.99]
+    bounds = (0.0, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, float("inf"))
+    for row in audit.quantiles:
+        for value, bucket in ((row["client"], row["client_bucket"]), (row["histogram"], row["histogram_bucket"])):
+            lower, upper = bucket
+            assert lower < value <= upper or value == lower == 0
+            # Adjacent default bounds: a bucket, not a range of them.
+            assert bounds.index(upper) == bounds.index(lower) + 1
+        assert row["difference"] == pytest.approx(row["histogram"] - row["client"])
+
+
+def test_timeouts_are_counted_and_widen_the_audit(server: ServerFactory) -> None:
+    base = server(max_delay=0.5, failure_rate=0.0, seed=1)
+    stats, audit = loadgen.audited_run(plan(base + "/hello", concurrency=4, requests=8, timeout=0.001))
+    assert stats.sent == 8
+    assert stats.timeouts + stats.responses == 8
+    assert stats.timeouts > 0
+    # The server may have answered (and counted) the ones the client gave up on.
+    assert audit.ok
+    assert audit.notes
+
+
+def test_audit_fails_when_the_server_counts_something_else(server: ServerFactory, capsys) -> None:
+    busy, idle = server(), server()
+    # The audit reads an idle server's /metrics: nothing there moved.
+    code = loadgen.main([busy + "/hello", "--concurrency", "2", "--requests", "10", "--quiet", "--audit",
+                         "--metrics-url", idle + "/metrics"])  # fmt: skip
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out
+    assert "audit: FAIL" in out
+
+
+def test_count_checks_catch_a_single_miscount() -> None:
+    stats = loadgen.Stats(plan("http://127.0.0.1:1/hello", concurrency=1, requests=3))
+    stats.statuses.update({200: 2, 500: 1})
+
+    def exposition(ok: float, err: float) -> dict:
+        return loadgen.parse_exposition(
+            f'http_requests_total{{path="/hello"}} {ok + err}\n'
+            f'response_status_total{{status="200"}} {ok}\n'
+            f'response_status_total{{status="500"}} {err}\n'
+            "# TYPE http_response_time_seconds histogram\n"
+            f'http_response_time_seconds_bucket{{path="/hello",le="+Inf"}} {ok + err}\n'
+            f'http_response_time_seconds_count{{path="/hello"}} {ok + err}\n'
+            f'http_response_time_seconds_sum{{path="/hello"}} 0\n'
+        )
+
+    before = exposition(10, 5)
+    assert all(c.ok for c in loadgen.count_checks(stats, before, exposition(12, 6), "x"))
+    # One 500 counted as a 200: the totals agree, the statuses do not.
+    bad = [c.what for c in loadgen.count_checks(stats, before, exposition(13, 5), "x") if not c.ok]
+    assert bad == ['x: response_status_total{status="200"}', 'x: response_status_total{status="500"}']
+
+
+def test_histogram_quantile_matches_prometheus() -> None:
+    # Values worked out by hand with Prometheus' linear interpolation.
+    cumulative = [(0.1, 10.0), (0.5, 30.0), (1.0, 40.0), (float("inf"), 40.0)]
+    assert loadgen.histogram_quantile(0.25, cumulative) == pytest.approx(0.1)
+    assert loadgen.histogram_quantile(0.5, cumulative) == pytest.approx(0.1 + 0.4 * 10 / 20)
+    assert loadgen.histogram_quantile(0.9, cumulative) == pytest.approx(0.5 + 0.5 * 6 / 10)
+    # Ranks in the +Inf bucket answer the largest finite bound.
+    assert loadgen.histogram_quantile(0.99, [(0.1, 1.0), (float("inf"), 10.0)]) == 0.1
+    assert loadgen.bucket_of(0.3, [0.1, 0.5, 1.0]) == (0.1, 0.5)
+    assert loadgen.bucket_of(2.0, [0.1, 0.5, 1.0]) == (1.0, float("inf"))
+
+
+def test_json_summary_and_progress_lines(server: ServerFactory, tmp_path: Path, capsys) -> None:
+    base = server(max_delay=0.01)
+    out = tmp_path / "run.json"
+    args = [base + "/hello", "--rate", "50", "--duration", "1", "--audit", "--json", str(out)]
+    assert loadgen.main([*args, "--progress-interval", "0.2"]) == 0
+    captured = capsys.readouterr()
+    # stderr is not a terminal here: plain progress lines.
+    progress = [line for line in captured.err.splitlines() if " sent " in line]
+    assert progress and all("p50" in line and "p99" in line for line in progress)
+    assert "\r" not in captured.err
+    assert "status 200" in captured.out and "audit: PASS, exact" in captured.out
+    summary = json.loads(out.read_text())
+    assert summary["sent"] == 50
+    assert sum(summary["statuses"].values()) == 50
+    assert summary["audit"]["ok"] and summary["audit"]["exact"]
+    for key in ("min", "p50", "p90", "p99", "max"):
+        assert summary["latency_seconds"][key] >= 0
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rate", "0"], "--rate"),
+        (["--rate", "-5"], "--rate"),
+        (["--concurrency", "0"], "--concurrency"),
+        (["--duration", "nan"], "--duration"),
+        (["--rate", "1", "--concurrency", "1"], "not allowed"),
+        (["http://127.0.0.1:{closed}/hello", "--requests", "1"], "cannot connect"),
+        (["ftp://127.0.0.1/hello"], "malformed URL"),
+        (["http:///hello"], "malformed URL"),
+        (["http://127.0.0.1:99999/hello"], "malformed URL"),
+        (["not a url"], "malformed URL"),
+        (["--prometheus", "http://127.0.0.1:9090"], "--prometheus needs --audit"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str) -> None:
+    args = [a.format(closed=_closed_port()) for a in args]
+    result = subprocess.run(
+        [sys.executable, str(HERE / "loadgen.py"), *args], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("loadgen: error: ") and message in lines[0]
