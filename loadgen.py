@@ -669,22 +669,30 @@ class Prometheus:
             raise RuntimeError(f"Prometheus query {expr!r} failed: {body.get('error')}")
         return body["data"]["result"]
 
-    def instance_of(self, target: Target) -> str:
-        """The instance label under which Prometheus scrapes target's server."""
+    def instance_of(self, target: Target, deadline: float) -> str:
+        """The instance label under which Prometheus scrapes target's server.
+
+        Waits (until wall time deadline) for the first scrape: a fresh
+        Prometheus takes a few seconds to discover its targets.
+        """
         loopback = {"localhost", "127.0.0.1", "::1"}
-        candidates = set()
-        for item in self.query("up"):
-            instance = item["metric"].get("instance", "")
-            host, _, port = instance.rpartition(":")
-            host = host.strip("[]")
-            if port != str(target.port):
-                continue
-            if host == target.host or (host in loopback and _is_loopback(target.host)):
-                candidates.add(instance)
-        if len(candidates) != 1:
-            found = ", ".join(sorted(candidates)) or "none"
-            raise UsageError(f"Prometheus at {self.url} has no single target for {target.netloc} (found: {found})")
-        return candidates.pop()
+        while True:
+            candidates = set()
+            for item in self.query("up"):
+                instance = item["metric"].get("instance", "")
+                host, _, port = instance.rpartition(":")
+                host = host.strip("[]")
+                if port != str(target.port):
+                    continue
+                if host == target.host or (host in loopback and _is_loopback(target.host)):
+                    candidates.add(instance)
+            if len(candidates) == 1:
+                return candidates.pop()
+            if len(candidates) > 1:
+                raise UsageError(f"Prometheus at {self.url} scrapes {target.netloc} as {', '.join(sorted(candidates))}")
+            if time.time() > deadline:
+                raise UsageError(f"Prometheus at {self.url} does not scrape {target.netloc}")
+            time.sleep(0.1)
 
     def wait_for_scrape(self, instance: str, after: float, deadline: float) -> float:
         """Wait until Prometheus has scraped instance after wall time after; return that scrape's time."""
@@ -761,7 +769,7 @@ class Audit:
 
 def format_audit(audit: Audit) -> str:
     out = ["audit: the server's counters against what this client saw", ""]
-    out.append(f"  {'counter (delta over the run)':<60} {'client':>9} {'server':>9}")
+    out.append(f"  {'counter (delta over the run)':<60} {'client':>9} {'counted':>9}")
     out += [c.row() for c in audit.checks]
     if audit.quantiles:
         out += [
@@ -798,8 +806,8 @@ def audited_run(
     instance = prom_before = None
     before = settled_scrape(metrics_url, time.monotonic() + 5)
     if prom:
-        instance = prom.instance_of(plan.target)
-        log(f"loadgen: waiting for Prometheus to scrape {instance} before the run")
+        log(f"loadgen: waiting for Prometheus at {prom.url} to scrape {plan.target.netloc} before the run")
+        instance = prom.instance_of(plan.target, time.time() + scrape_timeout)
         prom.wait_for_scrape(instance, time.time(), time.time() + scrape_timeout)
         prom_before = prom.samples(instance)
     stats = run(plan, progress)
