@@ -1,0 +1,183 @@
+"""End to end: the app and a real Prometheus (stack.native_stack), queried through its HTTP API.
+
+Proves that the monitoring configuration works on live data: the tutorial's
+query, every recording rule, every query of the Grafana dashboard and every
+rule expression, the dashboard's metric names against a real scrape, and the
+error-ratio alert going pending when every request fails. Prometheus scrapes
+and evaluates rules every second here; every wait is on a condition with a
+deadline. Under CI=true these tests must run (conftest.require_tool).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+import check_dashboards
+import stack
+from conftest import require_tool
+
+ROOT = Path(__file__).resolve().parent
+RULE_FILES = sorted((ROOT / "rules").glob("*.yml"))
+RULES = [rule for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+RECORDED = [rule["record"] for rule in RULES if "record" in rule]
+ALERTS = {rule["alert"]: rule for rule in RULES if "alert" in rule}
+DASHBOARD = json.loads((check_dashboards.DASHBOARDS / "hello.json").read_text())
+DASHBOARD_QUERIES = check_dashboards.expressions(DASHBOARD)
+# Series Prometheus itself writes: per-target scrape metrics and alert state.
+SYNTHETIC = {
+    "up",
+    "scrape_duration_seconds",
+    "scrape_samples_scraped",
+    "scrape_samples_post_metric_relabeling",
+    "scrape_series_added",
+    "ALERTS",
+    "ALERTS_FOR_STATE",
+}
+# Short delays keep a single-threaded loop busy enough; the default 20% failures stay.
+APP_ARGS = ["--access-log", "off", "--max-delay", "0.05"]
+TIMEOUT = 30.0
+
+
+class Traffic:
+    """GET /hello in a loop on one keep-alive connection, in a thread, until stopped.
+
+    Bounded twice over: at most max_requests requests and max_seconds seconds,
+    so a forgotten stop cannot leave load running. Every tenth request goes to
+    an unknown path, so the "other" path label and a 404 get traffic too.
+    """
+
+    def __init__(self, app_url: str, max_requests: int = 5000, max_seconds: float = 90.0) -> None:
+        self.netloc = urlsplit(app_url).netloc
+        self.max_requests = max_requests
+        self.max_seconds = max_seconds
+        self.sent = 0
+        self.statuses: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        connection = http.client.HTTPConnection(self.netloc, timeout=10)
+        try:
+            while not self._stop.is_set() and self.sent < self.max_requests and time.monotonic() < deadline:
+                path = "/hello" if self.sent % 10 else "/no-such-page"
+                connection.request("GET", path)
+                response = connection.getresponse()
+                response.read()
+                self.sent += 1
+                self.statuses[response.status] = self.statuses.get(response.status, 0) + 1
+        finally:
+            connection.close()
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+@contextmanager
+def running_stack(app_args: list[str]) -> Iterator[stack.Stack]:
+    require_tool("prometheus")
+    with (
+        stack.native_stack(app_args=app_args, scrape_interval="1s", evaluation_interval="1s") as running,
+        Traffic(running.app_url),
+    ):
+        running.wait_for_scrape(timeout=TIMEOUT)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[stack.Stack]:
+    """The stack with the app's designed behaviour and traffic flowing throughout."""
+    with running_stack(APP_ARGS) as running:
+        yield running
+
+
+def values(prometheus_url: str, expr: str) -> list[float]:
+    return [float(sample["value"][1]) for sample in stack.query(prometheus_url, expr)]
+
+
+def test_the_tutorial_query_is_positive(live):
+    expr = 'rate(http_requests_total{path="/hello"}[1m])'
+    rates = stack.wait_until(lambda: [v for v in values(live.prometheus_url, expr) if v > 0], TIMEOUT, expr)
+    assert len(rates) == 1
+
+
+def test_every_recording_rule_has_a_value(live):
+    assert len(RECORDED) >= 15
+    missing = list(RECORDED)
+
+    def all_recorded() -> bool:
+        missing[:] = [name for name in missing if not stack.query(live.prometheus_url, name)]
+        return not missing
+
+    try:
+        stack.wait_until(all_recorded, TIMEOUT, "every recording rule")
+    except stack.StackError:
+        pytest.fail(f"no value after {TIMEOUT:g} s for {missing}")
+    # Spot checks against what the traffic is: some requests, 20% designed failures.
+    assert values(live.prometheus_url, 'job_path:http_requests:rate5m{path="/hello"}')[0] > 0
+    p50 = values(live.prometheus_url, 'job_path:http_response_time_seconds:p50_rate5m{path="/hello"}')[0]
+    assert 0 < p50 <= 0.1
+
+
+def test_every_dashboard_and_rule_expression_runs(live):
+    # Wait until the rules have data, so "returns data" below means the query is right.
+    stack.wait_until(lambda: stack.query(live.prometheus_url, "job:process_cpu_seconds:rate5m"), TIMEOUT, "rules")
+    queries = [(where, check_dashboards.promql(expr)) for where, expr in DASHBOARD_QUERIES]
+    queries += [(f"rule {rule.get('record') or rule.get('alert')}", rule["expr"]) for rule in RULES]
+    errors, empty = [], []
+    for where, expr in queries:
+        try:
+            result = stack.query(live.prometheus_url, expr)
+        except stack.StackError as e:
+            errors.append(f"{where}: {e}")
+            continue
+        # The dashboard's queries must also find series; only the alert panels may be
+        # empty (no alert pending), and alert conditions are rightly false here.
+        if where.startswith("panel") and not result and "ALERTS" not in expr:
+            empty.append(f"{where}: {expr}")
+    assert not errors, "\n".join(errors)
+    assert not empty, "queries that found no series:\n" + "\n".join(empty)
+
+
+def test_the_dashboard_uses_only_metrics_that_exist(live):
+    with urllib.request.urlopen(f"{live.app_url}/metrics", timeout=10) as response:
+        exposition = response.read().decode()
+    exposed = {sample.name for family in text_string_to_metric_families(exposition) for sample in family.samples}
+    known = exposed | set(RECORDED) | SYNTHETIC
+    used = set().union(*(check_dashboards.metric_names(expr) for _, expr in DASHBOARD_QUERIES))
+    assert used - known == set(), f"the dashboard queries metrics nothing exposes: {sorted(used - known)}"
+    in_rules = set().union(*(check_dashboards.metric_names(rule["expr"]) for rule in RULES))
+    assert in_rules - known == set(), f"the rules query metrics nothing exposes: {sorted(in_rules - known)}"
+    # And the golden signals are all on the dashboard.
+    assert {"http_requests_total", "response_status_total", "http_response_time_seconds_bucket"} <= used
+    assert {"http_requests_in_flight", "process_cpu_seconds_total", "up"} <= used
+
+
+def test_the_error_ratio_alert_goes_pending_when_every_request_fails():
+    with running_stack(["--access-log", "off", "--max-delay", "0.01", "--failure-rate", "1"]) as failing:
+        expr = 'ALERTS{alertname="HelloErrorRatioHigh", alertstate="pending"}'
+        pending = stack.wait_until(lambda: stack.query(failing.prometheus_url, expr), TIMEOUT, expr)
+        assert pending[0]["metric"]["job"] == "hello"
+        assert pending[0]["metric"]["severity"] == "warning"
+        # Every /hello is a 500; the tenth request that goes to an unknown path is a 404.
+        [ratio] = values(failing.prometheus_url, "job:slo_errors_per_request:ratio_rate5m")
+        assert 0.85 < ratio < 0.95
+        # Its `for` (5m) keeps it from firing in a test's lifetime.
+        assert ALERTS["HelloErrorRatioHigh"]["for"] == "5m"
