@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Server flags come from HELLO_* environment variables (see README), which
 # make passes on, e.g.  make run HELLO_PORT=9000 HELLO_FAILURE_RATE=0
 
-.PHONY: help run stack up down logs test lint tools clean
+.PHONY: help run stack up down logs load queries report demo test lint tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -63,6 +63,26 @@ down: ## stop the Docker stack (its data volumes stay; docker compose down -v re
 
 logs: ## follow the Docker stack's logs
 	docker compose logs --follow
+
+# --- traffic, queries, report ---------------------------------------------------
+
+# loadgen.py's flags (python loadgen.py --help), e.g.
+#   make load LOAD_ARGS="--rate 1000 --duration 60 --audit --prometheus http://localhost:9090"
+LOAD_ARGS  ?= --rate 100 --duration 30 --audit
+PROMETHEUS ?= http://localhost:9090
+MINUTES    ?= 5
+
+load: $(VENV)/.run ## send traffic to :8080/hello and audit its metrics (LOAD_ARGS=...)
+	$(PY) loadgen.py $(LOAD_ARGS)
+
+queries: $(VENV)/.dev ## run the example PromQL queries against PROMETHEUS (default :9090)
+	$(PY) queries.py --prometheus $(PROMETHEUS)
+
+report: $(VENV)/.dev ## draw the last MINUTES (5) from PROMETHEUS into build/report.png
+	$(PY) report.py --prometheus $(PROMETHEUS) --minutes $(MINUTES)
+
+demo: $(VENV)/.dev tools ## app + Prometheus + a minute of traffic + queries + report + audit, then stop
+	$(PY) demo.py
 
 # --- checks -------------------------------------------------------------------
 
