@@ -71,6 +71,8 @@ logs: ## follow the Docker stack's logs
 LOAD_ARGS  ?= --rate 100 --duration 30 --audit
 PROMETHEUS ?= http://localhost:9090
 MINUTES    ?= 5
+# demo.py's flags, e.g.  make demo DEMO_ARGS="--rate 200 --duration 30"
+DEMO_ARGS  ?=
 
 load: $(VENV)/.run ## send traffic to :8080/hello and audit its metrics (LOAD_ARGS=...)
 	$(PY) loadgen.py $(LOAD_ARGS)
@@ -82,7 +84,7 @@ report: $(VENV)/.dev ## draw the last MINUTES (5) from PROMETHEUS into build/rep
 	$(PY) report.py --prometheus $(PROMETHEUS) --minutes $(MINUTES)
 
 demo: $(VENV)/.dev tools ## app + Prometheus + a minute of traffic + queries + report + audit, then stop
-	$(PY) demo.py
+	$(PY) demo.py $(DEMO_ARGS)
 
 # --- checks -------------------------------------------------------------------
 
