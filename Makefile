@@ -113,4 +113,4 @@ lint: $(VENV)/.dev tools ## check style and every config file
 	$(PY) check_dashboards.py
 
 clean: ## remove the virtual environment and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__
+	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__ build
