@@ -32,6 +32,7 @@ import ipaddress
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -145,6 +146,7 @@ class Stats:
     # Open loop: how late each request was written, behind its schedule.
     send_lags: list[float] = field(default_factory=list)
     connections_opened: int = 0
+    interrupted: bool = False  # stopped early by Ctrl-C
 
     @property
     def responses(self) -> int:
@@ -186,6 +188,7 @@ class Stats:
             "timeouts": self.timeouts,
             "transport_errors": dict(self.errors),
             "connections_opened": self.connections_opened,
+            "interrupted": self.interrupted,
             "latency_seconds": distribution(self.latencies),
             "service_time_seconds": distribution(self.service_times),
             "send_lag_seconds": distribution(self.send_lags) if self.send_lags else None,
@@ -283,8 +286,9 @@ def _error_kind(exc: BaseException) -> str:
 
 
 class Generator:
-    def __init__(self, plan: Plan, progress: Progress | None = None) -> None:
+    def __init__(self, plan: Plan, progress: Progress | None = None, interruptible: bool = False) -> None:
         self.plan = plan
+        self.interruptible = interruptible
         self.stats = Stats(plan)
         self.progress = progress
         t = plan.target
@@ -299,12 +303,19 @@ class Generator:
         s = self.stats
         s.started, s.started_wall = time.monotonic(), time.time()
         reporter = asyncio.create_task(self._report()) if self.progress else None
+        if self.interruptible:
+            # The first Ctrl-C ends the schedule and lets the requests in
+            # flight finish, so the summary and the audit still add up; the
+            # second one aborts.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._interrupt)
         try:
             if self.plan.open_loop:
                 await self._open_loop()
             else:
                 await self._closed_loop()
         finally:
+            if self.interruptible:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
             s.finished = time.monotonic()
             if reporter:
                 reporter.cancel()
@@ -314,8 +325,23 @@ class Generator:
                 self.progress.done(s)
         return s
 
+    def _interrupt(self) -> None:
+        s = self.stats
+        s.interrupted = True
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        if self.progress and self.progress.tty:
+            self.progress.stream.write("\n")
+        print(
+            f"loadgen: stopping; waiting for {s.sent - s.responses - s.failures} requests in flight "
+            "(Ctrl-C again aborts)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def _more(self, now: float, sent: int) -> bool:
         plan, s = self.plan, self.stats
+        if s.interrupted:
+            return False
         if plan.requests is not None and sent >= plan.requests:
             return False
         return plan.duration is None or now - s.started < plan.duration
@@ -446,9 +472,13 @@ def _ms(seconds: float | None) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def run(plan: Plan, progress: Progress | None = None) -> Stats:
-    """Drive the target according to plan; blocks until done."""
-    return asyncio.run(Generator(plan, progress).run())
+def run(plan: Plan, progress: Progress | None = None, interruptible: bool = False) -> Stats:
+    """Drive the target according to plan; blocks until done.
+
+    interruptible (main thread only): Ctrl-C stops the schedule early and
+    waits for the requests in flight.
+    """
+    return asyncio.run(Generator(plan, progress, interruptible).run())
 
 
 def check_reachable(target: Target, timeout: float = 5.0) -> None:
@@ -466,7 +496,10 @@ def check_reachable(target: Target, timeout: float = 5.0) -> None:
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    out = [f"loadgen: {summary['plan']}", ""]
+    out = [f"loadgen: {summary['plan']}"]
+    if summary.get("interrupted"):
+        out.append("loadgen: stopped early by Ctrl-C")
+    out.append("")
     rows = [
         ("elapsed", f"{summary['elapsed_seconds']:.2f} s"),
         ("sent", f"{summary['sent']}"),
@@ -799,6 +832,7 @@ def audited_run(
     prometheus_url: str | None = None,
     scrape_timeout: float = 60.0,
     log: Callable[[str], None] = lambda _: None,
+    interruptible: bool = False,
 ) -> tuple[Stats, Audit]:
     """Run plan between two scrapes of the server (and of Prometheus) and compare."""
     metrics_url = metrics_url or plan.target.sibling("/metrics")
@@ -810,7 +844,7 @@ def audited_run(
         instance = prom.instance_of(plan.target, time.time() + scrape_timeout)
         prom.wait_for_scrape(instance, time.time(), time.time() + scrape_timeout)
         prom_before = prom.samples(instance)
-    stats = run(plan, progress)
+    stats = run(plan, progress, interruptible)
     after = settled_scrape(metrics_url, time.monotonic() + 5)
     settled_at = time.time()
     checks = count_checks(stats, before, after, "/metrics")
@@ -905,9 +939,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.prometheus,
                 args.scrape_timeout,
                 log=lambda m: print(m, file=sys.stderr, flush=True),
+                interruptible=True,
             )
         else:
-            stats = run(plan, progress)
+            stats = run(plan, progress, interruptible=True)
     except KeyboardInterrupt:
         print("loadgen: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -215,3 +216,22 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str) -> No
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("loadgen: error: ") and message in lines[0]
+
+
+def test_ctrl_c_stops_the_schedule_and_still_adds_up(server: ServerFactory) -> None:
+    base = server(max_delay=0.2)
+    cmd = [sys.executable, str(HERE / "loadgen.py"), base + "/hello", "--rate", "100", "--duration", "60"]
+    with subprocess.Popen(
+        [*cmd, "--audit", "--progress-interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stderr is not None
+        # Wait for traffic to be under way: the first progress line.
+        for line in proc.stderr:
+            if " sent " in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "stopping; waiting for" in err
+    assert "stopped early by Ctrl-C" in out
+    assert "audit: PASS, exact" in out
