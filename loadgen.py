@@ -705,20 +705,26 @@ class Prometheus:
     def instance_of(self, target: Target, deadline: float) -> str:
         """The instance label under which Prometheus scrapes target's server.
 
-        Waits (until wall time deadline) for the first scrape: a fresh
-        Prometheus takes a few seconds to discover its targets.
+        The same host and port (any loopback name for a loopback target), or
+        else the one instance with the same port: in Docker, Prometheus
+        scrapes app:8080 while the client sends to localhost:8080. Waits
+        (until wall time deadline) for the first scrape: a fresh Prometheus
+        takes a few seconds to discover its targets.
         """
         loopback = {"localhost", "127.0.0.1", "::1"}
         while True:
-            candidates = set()
+            same_port, candidates = set(), set()
             for item in self.query("up"):
                 instance = item["metric"].get("instance", "")
                 host, _, port = instance.rpartition(":")
                 host = host.strip("[]")
                 if port != str(target.port):
                     continue
+                same_port.add(instance)
                 if host == target.host or (host in loopback and _is_loopback(target.host)):
                     candidates.add(instance)
+            if not candidates and len(same_port) == 1:
+                candidates = same_port
             if len(candidates) == 1:
                 return candidates.pop()
             if len(candidates) > 1:
@@ -895,7 +901,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--requests", type=_positive(int), help="number of requests to send")
     p.add_argument("--timeout", type=_positive(float), default=10.0, help="per-request timeout, s (default 10)")
     p.add_argument("--method", choices=("GET", "HEAD"), default="GET")
-    p.add_argument("--json", metavar="FILE", help="write the summary (and audit) as JSON; - for stdout")
+    p.add_argument(
+        "--json", metavar="FILE", help="write the summary (and audit) as JSON; - for stdout (the table goes to stderr)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--progress-interval", type=_positive(float), help="seconds between progress lines")
     p.add_argument("--audit", action="store_true", help="check the server's metrics against what the client saw")
@@ -953,11 +961,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loadgen: audit failed: {e}", file=sys.stderr)
         return 1
     summary = stats.summary()
-    print(format_summary(summary))
+    # With --json -, stdout carries only the JSON.
+    table = sys.stderr if args.json == "-" else sys.stdout
+    print(format_summary(summary), file=table)
     if audit is not None:
         summary["audit"] = audit.as_dict()
-        print()
-        print(format_audit(audit))
+        print(file=table)
+        print(format_audit(audit), file=table)
     if args.json:
         text = json.dumps(_finite(summary), indent=2, allow_nan=False)
         if args.json == "-":

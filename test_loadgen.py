@@ -235,3 +235,25 @@ def test_ctrl_c_stops_the_schedule_and_still_adds_up(server: ServerFactory) -> N
     assert "stopping; waiting for" in err
     assert "stopped early by Ctrl-C" in out
     assert "audit: PASS, exact" in out
+
+
+@pytest.mark.parametrize(
+    "target, instances, expected",
+    [
+        ("http://127.0.0.1:8080/hello", ["localhost:8080", "localhost:9090"], "localhost:8080"),
+        ("http://localhost:18080/hello", ["127.0.0.1:18080", "127.0.0.1:19090"], "127.0.0.1:18080"),
+        # Docker: Prometheus scrapes app:8080, the client sends to the published port.
+        ("http://localhost:8080/hello", ["app:8080", "localhost:9090"], "app:8080"),
+        ("http://localhost:8080/hello", ["a:8080", "b:8080"], None),
+        ("http://localhost:8080/hello", ["localhost:9090"], None),
+    ],
+)
+def test_prometheus_target_matching(monkeypatch, target: str, instances: list[str], expected: str | None) -> None:
+    prom = loadgen.Prometheus("http://127.0.0.1:1")
+    monkeypatch.setattr(prom, "query", lambda expr: [{"metric": {"instance": i}, "value": [0, "1"]} for i in instances])
+    t = loadgen.Target.parse(target)
+    if expected is None:
+        with pytest.raises(loadgen.UsageError):
+            prom.instance_of(t, deadline=0)
+    else:
+        assert prom.instance_of(t, deadline=0) == expected
