@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,43 @@ def test_prometheus_target_matching(monkeypatch, target: str, instances: list[st
             prom.instance_of(t, deadline=0)
     else:
         assert prom.instance_of(t, deadline=0) == expected
+
+
+class _Framings(BaseHTTPRequestHandler):
+    """Responses framed the ways hello_server never uses: chunked, and ended by closing."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/chunked" else 201)
+        if self.path == "/chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (b"Hel", b"lo, ", b"chunks!\r\n"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"until the connection closes\n")
+            self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("path, status", [("/chunked", 200), ("/eof", 201)])
+def test_other_response_framings(path: str, status: int) -> None:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Framings)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        stats = loadgen.run(plan(f"http://127.0.0.1:{srv.server_address[1]}{path}", concurrency=2, requests=20))
+    finally:
+        srv.shutdown()
+        thread.join()
+        srv.server_close()
+    assert stats.statuses == {status: 20}
+    assert stats.failures == 0
+    # Chunked responses keep the connection; the others close it every time.
+    assert stats.connections_opened == (2 if path == "/chunked" else 20)
