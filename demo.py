@@ -59,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (stack.StackError, loadgen.UsageError, TimeoutError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The terminal's Ctrl-C reaches the app and Prometheus too: no point
+        # going on without them.
+        print("\ndemo: interrupted; app and Prometheus stopped", file=sys.stderr)
+        return 130
     say("demo: app and Prometheus stopped")
     return 0 if audit.ok else 1
 
