@@ -61,10 +61,10 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str)
 
 
-def rule_groups(rules_dir: Path = RULES) -> list[dict[str, Any]]:
+def rule_groups(rules_dir: Path | None = None) -> list[dict[str, Any]]:
     """Every group of every rules/*.yml, files in name order."""
     groups: list[dict[str, Any]] = []
-    for path in sorted(rules_dir.glob("*.yml")):
+    for path in sorted((rules_dir or RULES).glob("*.yml")):
         doc = yaml.safe_load(path.read_text())
         groups.extend(doc["groups"])
     return groups
@@ -79,7 +79,7 @@ def prometheus_rule(groups: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def render(rules_dir: Path = RULES) -> str:
+def render(rules_dir: Path | None = None) -> str:
     """The text of k8s/prometheusrule.yaml for the rules in rules_dir."""
     body = yaml.dump(
         prometheus_rule(rule_groups(rules_dir)),
@@ -92,8 +92,9 @@ def render(rules_dir: Path = RULES) -> str:
     return HEADER + body
 
 
-def groups_of(path: Path = OUTPUT) -> list[dict[str, Any]]:
-    """The rule groups a PrometheusRule file carries."""
+def groups_of(path: Path | None = None) -> list[dict[str, Any]]:
+    """The rule groups a PrometheusRule file carries (k8s/prometheusrule.yaml by default)."""
+    path = path or OUTPUT
     doc = yaml.safe_load(path.read_text())
     if doc.get("kind") != "PrometheusRule":
         raise ValueError(f"{path}: not a PrometheusRule")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 if the committed file differs from rules/")
     mode.add_argument("--extract", metavar="OUT", help="write the committed file's groups as a Prometheus rule file")
     args = parser.parse_args(argv)
-    rel = OUTPUT.relative_to(ROOT)
+    rel = OUTPUT.relative_to(ROOT) if OUTPUT.is_relative_to(ROOT) else OUTPUT
     if args.extract:
         Path(args.extract).write_text(yaml.safe_dump({"groups": groups_of()}, sort_keys=False))
         return 0
