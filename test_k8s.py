@@ -51,7 +51,7 @@ def manifests() -> dict[str, dict[str, Any]]:
     """The rendered k8s/ kustomization, by kind (one of each)."""
     docs = kustomize(K8S)
     kinds = [doc["kind"] for doc in docs]
-    assert sorted(kinds) == ["Deployment", "PrometheusRule", "Service", "ServiceMonitor"]
+    assert sorted(kinds) == ["Deployment", "PodDisruptionBudget", "PrometheusRule", "Service", "ServiceMonitor"]
     return {doc["kind"]: doc for doc in docs}
 
 
@@ -255,6 +255,11 @@ def test_selectors_line_up(manifests, pod, container) -> None:
         deployment["spec"]["selector"]["matchLabels"], labels
     )
     assert service["spec"]["selector"] and matches(service["spec"]["selector"], labels)
+    budget = manifests["PodDisruptionBudget"]["spec"]
+    assert matches(budget["selector"]["matchLabels"], labels)
+    assert budget["maxUnavailable"] < deployment["spec"]["replicas"]
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert matches(spread["labelSelector"]["matchLabels"], labels)
     (port,) = service["spec"]["ports"]
     assert port["name"] == "http"
     assert port["targetPort"] in ("http", named_port(container, "http"))
@@ -337,5 +342,5 @@ def test_plain_prometheus_job_passes_promtool() -> None:
 
 def test_app_kustomization_is_the_app_alone(manifests) -> None:
     app = {doc["kind"]: doc for doc in kustomize(K8S / "app")}
-    assert sorted(app) == ["Deployment", "Service"]
-    assert app["Deployment"] == manifests["Deployment"] and app["Service"] == manifests["Service"]
+    assert sorted(app) == ["Deployment", "PodDisruptionBudget", "Service"]
+    assert all(app[kind] == manifests[kind] for kind in app)
