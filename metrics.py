@@ -13,32 +13,57 @@ The status comes from ``send_response``, which the standard library also calls
 for its own errors (400, 414, 501 via ``send_error``), so those are counted
 too. Timing starts when the request line has been read, not when the
 connection starts waiting for it: an idle keep-alive connection is not latency.
+
+Why ``HTTPMetrics`` is a custom collector rather than prometheus_client's
+``Counter``, ``Histogram`` and ``Gauge``: through those a request took six
+separately locked updates in generic code (``Histogram.observe`` alone loops
+over the buckets under two locks), 38,000 CPU instructions per request on top
+of the uninstrumented handler's 205,000 (counted with callgrind), and the
+instrumented server answered 0.82 as many requests/s. Now a request costs
+about 11,500 instructions, most of them the three handler hooks: joining and
+leaving a set of requests in flight, and one short critical section under one
+lock to count the response. A scrape copies the numbers under the same lock
+and formats them with the library's own metric families, so the exposition
+text is unchanged. Every count stays exact with the GIL and without it: no
+shared number is updated outside the lock, and set.add/discard are atomic.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-
-# The tutorial has no *_created series and they double the series count.
-# The switch is global in prometheus_client and read at collection time.
-disable_created_metrics()
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 #: The path label of every request to a path the server has no route for:
 #: 10,000 random URLs must not become 10,000 series.
 OTHER_PATH = "other"
 #: The status label of a code outside the HTTP registry (a handler bug).
 OTHER_STATUS = "other"
+#: The histogram's upper bounds: prometheus_client's defaults, 5 ms to 10 s, and +Inf.
+BUCKETS = tuple(Histogram.DEFAULT_BUCKETS)
 
 _KNOWN_STATUSES = frozenset(int(s) for s in HTTPStatus)
 
 
+class _Series:
+    """One path's latency histogram; its count is also the path's request count."""
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * len(BUCKETS)  # per bucket, not cumulative: one increment per response
+        self.sum = 0.0
+
+
 class HTTPMetrics:
-    """The four golden-signal metrics for a fixed set of routes."""
+    """The four golden-signal metrics for a fixed set of routes, as one collector."""
 
     def __init__(
         self,
@@ -49,25 +74,19 @@ class HTTPMetrics:
         self.routes = frozenset(routes)
         # Counting the scrape itself would skew the error ratio and the rate.
         self.unobserved = frozenset(unobserved)
-        self.requests = Counter("http_requests_total", "HTTP requests answered, by route.", ["path"], registry=registry)
-        self.statuses = Counter(
-            "response_status", "HTTP responses sent, by status code.", ["status"], registry=registry
-        )
-        self.latency = Histogram(
-            "http_response_time_seconds",
-            "Time from reading the request line to the end of the response, by route.",
-            ["path"],
-            registry=registry,
-        )
-        self.in_flight = Gauge("http_requests_in_flight", "HTTP requests being handled right now.", registry=registry)
-        # labels() takes a lock and builds a tuple on every call; binding each
-        # child once keeps the hot path to dictionary look-ups. Pre-creating the
-        # routes and the two statuses /hello sends also makes their series
-        # exist at 0 from the first scrape, so rate() sees the first request.
-        self._by_path = {
-            p: (self.requests.labels(p), self.latency.labels(p)) for p in (self.routes - self.unobserved) | {OTHER_PATH}
-        }
-        self._by_status = {code: self.statuses.labels(str(code)) for code in (200, 500)}
+        # The requests in flight, by who handles them; set.add and set.discard
+        # are atomic, with the GIL and without it, and cheaper than a lock.
+        self._active: set[object] = set()
+        # Every read and every write of the counts below holds this lock.
+        self._lock = threading.Lock()
+        # Pre-creating the routes and the two statuses /hello sends makes their
+        # series exist at 0 from the first scrape, so rate() sees the first request.
+        self._series = {label: _Series() for label in [*sorted(self.routes - self.unobserved), OTHER_PATH]}
+        self._statuses = {"200": 0, "500": 0}
+        # Status code -> label. Read without the lock (a dict lookup is atomic,
+        # and an entry, once there, never changes); written under it.
+        self._status_labels = {200: "200", 500: "500"}
+        registry.register(self)
 
     def path_label(self, path: str | None) -> str | None:
         """The bounded path label of a request target, or None if it is not observed."""
@@ -78,18 +97,88 @@ class HTTPMetrics:
             return None
         return route if route in self.routes else OTHER_PATH
 
+    # --- recording ----------------------------------------------------------
+
+    def start(self, path: str | None, request: object) -> str | None:
+        """A request for path has begun: count it in flight and return its path label.
+
+        request is whatever identifies it until finish() (its handler). None,
+        and nothing counted, if the path is not observed.
+        """
+        label = self.path_label(path)
+        if label is not None:
+            self._active.add(request)
+        return label
+
+    def finish(self, request: object, path_label: str, status: int | None, seconds: float) -> None:
+        """A request has ended: record its response, if it sent one, and take it out of flight.
+
+        request is what start() was given, or None for one start() did not
+        count. The response is counted before the request leaves the
+        in-flight count, so a scrape that reads in-flight 0 after a client's
+        last response also sees that response counted (loadgen's audit relies on it).
+        """
+        if status is not None:
+            series = self._series[path_label]
+            # The first bound >= seconds, as prometheus_client's Histogram.observe picks it.
+            bucket = bisect_left(BUCKETS, seconds)
+            status_label = self._status_labels.get(status) or self._new_status_label(status)
+            with self._lock:
+                series.buckets[bucket] += 1
+                series.sum += seconds
+                self._statuses[status_label] += 1
+        self._active.discard(request)
+
     def observe(self, path_label: str, status: int, seconds: float) -> None:
         """Record one response that was sent."""
-        requests, latency = self._by_path[path_label]
-        requests.inc()
-        latency.observe(seconds)
-        child = self._by_status.get(status)
-        if child is None:
-            label = str(status) if status in _KNOWN_STATUSES else OTHER_STATUS
-            # A benign race: two threads may both bind the same child, and
-            # labels() returns the same object to both.
-            child = self._by_status[status] = self.statuses.labels(label)
-        child.inc()
+        self.finish(None, path_label, status, seconds)
+
+    def _new_status_label(self, status: int) -> str:
+        code = int(status)  # send_error passes HTTPStatus members, whose str() varies by Python version
+        label = str(code) if code in _KNOWN_STATUSES else OTHER_STATUS
+        with self._lock:
+            self._statuses.setdefault(label, 0)
+            if label != OTHER_STATUS:  # real codes are a bounded set; bogus ones are not
+                self._status_labels[code] = label
+        return label
+
+    # --- exposition: prometheus_client's collector protocol ------------------
+
+    def describe(self) -> list[Metric]:
+        # The registry takes the names from here, and refuses a clash.
+        return self._families({}, {}, 0)
+
+    def collect(self) -> list[Metric]:
+        # Copy under the lock, format outside it: requests never wait for a scrape's text.
+        # In-flight first: a request that has left it is already counted.
+        in_flight = len(self._active)
+        with self._lock:
+            series = {label: (list(s.buckets), s.sum) for label, s in self._series.items()}
+            statuses = dict(self._statuses)
+        return self._families(series, statuses, in_flight)
+
+    @staticmethod
+    def _families(series: dict[str, tuple[list[int], float]], statuses: dict[str, int], in_flight: int) -> list[Metric]:
+        requests = CounterMetricFamily("http_requests_total", "HTTP requests answered, by route.", labels=["path"])
+        latency = HistogramMetricFamily(
+            "http_response_time_seconds",
+            "Time from reading the request line to the end of the response, by route.",
+            labels=["path"],
+        )
+        for label, (counts, total) in series.items():
+            cumulative, running = [], 0
+            for bound, n in zip(BUCKETS, counts, strict=True):
+                running += n
+                cumulative.append((floatToGoString(bound), float(running)))
+            requests.add_metric([label], float(running))
+            latency.add_metric([label], cumulative, total)
+        responses = CounterMetricFamily("response_status", "HTTP responses sent, by status code.", labels=["status"])
+        for label, n in statuses.items():
+            responses.add_metric([label], float(n))
+        saturation = GaugeMetricFamily(
+            "http_requests_in_flight", "HTTP requests being handled right now.", value=float(in_flight)
+        )
+        return [requests, responses, latency, saturation]
 
 
 class InstrumentedHandler(BaseHTTPRequestHandler):
@@ -105,43 +194,46 @@ class InstrumentedHandler(BaseHTTPRequestHandler):
 
     metrics: HTTPMetrics
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # Each zero-argument super() call builds a super object and searches
+        # the MRO, about 700 CPU instructions in CPython 3.11 (3.12 caches
+        # it): 1% of the fast path for three calls per request. So look up
+        # the methods this class wraps once, when instrument() makes the class.
+        after = super()
+        cls._handle_one_request = after.handle_one_request  # type: ignore[attr-defined]
+        cls._parse_request = after.parse_request  # type: ignore[attr-defined]
+        cls._send_response = after.send_response  # type: ignore[attr-defined]
+
     def handle_one_request(self) -> None:
-        self._status: int | None = None
         self._started: float | None = None
+        # Once the request has started: its path label, and it is in flight
+        # until finish(); None for a route that is not observed.
         self._path_label: str | None = None
-        self._in_flight = False
+        self._status: int | None = None
         try:
-            super().handle_one_request()
+            self._handle_one_request()
         finally:
-            if self._status is not None and self._path_label is not None:
-                self.metrics.observe(self._path_label, self._status, time.perf_counter() - self._started)
-            # Last, so a scrape that reads in-flight 0 after a client's final
-            # response also sees that response counted (the audit relies on it).
-            if self._in_flight:
-                self.metrics.in_flight.dec()
+            if self._path_label is not None:
+                self.metrics.finish(self, self._path_label, self._status, time.perf_counter() - self._started)
 
     def parse_request(self) -> bool:
         self._started = time.perf_counter()
         # A malformed request line is answered (400) before self.path is set;
         # don't let the previous request's path on this connection leak in.
         self.path = None  # type: ignore[assignment]
-        ok = super().parse_request()
-        self._path_label = self.metrics.path_label(self.path)
-        if self._path_label is not None:
-            self.metrics.in_flight.inc()
-            self._in_flight = True
+        ok = self._parse_request()
+        self._path_label = self.metrics.start(self.path, self)
         return ok
 
     def send_response(self, code: int, message: str | None = None) -> None:
-        # send_error passes HTTPStatus members, whose str() differs across
-        # Python versions; int() is stable.
-        self._status = int(code)
+        self._status = code
         if self._started is None:
             # The standard library answers an over-long request line (414)
             # before parse_request runs.
             self._started = time.perf_counter()
-            self._path_label = OTHER_PATH
-        super().send_response(code, message)
+            self._path_label = self.metrics.start(None, self)
+        self._send_response(code, message)
 
 
 def instrument(handler_class: type[BaseHTTPRequestHandler], metrics: HTTPMetrics) -> type[BaseHTTPRequestHandler]:
