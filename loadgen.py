@@ -990,7 +990,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     p = _Parser(
         prog="loadgen",
         description="Mock traffic for the hello server, with an audit of its metrics.",
-        epilog="Exit status: 0 done, 1 the audit found a count mismatch, 2 bad arguments or unreachable target.",
+        epilog="Exit status: 0 done, 1 the audit found a count mismatch or could not finish, "
+        "2 bad arguments or unreachable target, 130 aborted by a second Ctrl-C.",
     )
     p.add_argument("url", nargs="?", default=DEFAULT_URL, help="target URL (default: %(default)s)")
     how = p.add_mutually_exclusive_group()
