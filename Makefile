@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Server flags come from HELLO_* environment variables (see README), which
 # make passes on, e.g.  make run HELLO_PORT=9000 HELLO_FAILURE_RATE=0
 
-.PHONY: help run stack up down logs load queries report demo test lint tools clean
+.PHONY: help run stack up down logs load queries report demo test lint tools bench bench-tools profile clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -41,6 +41,21 @@ tools: ## install the system tools the tests use (Debian packages)
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+# wrk and hey drive make bench; only it needs them, so make test doesn't install them.
+bench-tools: ## install the load tools the benchmark uses (Debian's wrk and hey)
+	@missing=""; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v hey >/dev/null || missing="$$missing hey"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing from Debian"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.bench: requirements.txt requirements-bench.txt | $(BIN)/activate
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
 
 # --- the server ---------------------------------------------------------------
 
@@ -120,6 +135,14 @@ lint: $(VENV)/.dev tools ## check style and every config file
 	$(PY) k8s/render_rules.py --extract build/k8s-rules.yml
 	promtool check rules --lint-fatal build/k8s-rules.yml
 	$(PY) k8s/check_scrape_config.py
+
+# --- benchmark ------------------------------------------------------------------
+
+bench: $(VENV)/.run bench-tools ## overhead, tutorial workload, scrape, loadgen vs hey (~3 min; build/bench.json)
+	$(PY) bench.py --json build/bench.json
+
+profile: $(VENV)/.bench bench-tools ## where the instrumented fast path spends the GIL (py-spy)
+	$(PY) bench.py profile
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__ build

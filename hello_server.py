@@ -339,10 +339,11 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     return Config(**vars(parser.parse_args(argv)))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, instrumented: bool = True) -> int:
+    """Serve until SIGTERM or SIGINT; instrumented=False is bench.py's baseline."""
     config = parse_args(argv)
     try:
-        server = make_server(config)
+        server = make_server(config, instrumented=instrumented)
     except OSError as e:
         print(
             f"hello_server: cannot listen on {config.host}:{config.port}: {e.strerror}; "
