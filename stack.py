@@ -167,6 +167,9 @@ def _start_app(host: str, port: int, app_args: Sequence[str], workdir: Path) -> 
             [sys.executable, str(ROOT / "hello_server.py"), "--host", host, "--port", str(port), *app_args],
             stdout=out,
             stderr=subprocess.STDOUT,
+            # Out of the terminal's process group: a Ctrl-C reaches only the
+            # program that owns the stack, which then stops both in order.
+            start_new_session=True,
         )
 
     def listening() -> str | None:
@@ -232,6 +235,7 @@ def native_stack(
                     ],
                     stdout=out,
                     stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
             prometheus_url = f"http://{host}:{prom_port}"
 
