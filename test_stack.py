@@ -138,7 +138,7 @@ def test_every_recording_rule_has_a_value(live):
 
 def test_every_dashboard_and_rule_expression_runs(live):
     # Wait until the rules have data, so "returns data" below means the query is right.
-    stack.wait_until(lambda: stack.query(live.prometheus_url, "job:process_cpu_seconds:rate5m"), TIMEOUT, "rules")
+    stack.wait_until(lambda: stack.query(live.prometheus_url, "instance:process_cpu_seconds:rate5m"), TIMEOUT, "rules")
     queries = [(where, check_dashboards.promql(expr)) for where, expr in DASHBOARD_QUERIES]
     queries += [(f"rule {rule.get('record') or rule.get('alert')}", rule["expr"]) for rule in RULES]
     errors, empty = [], []
