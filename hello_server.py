@@ -94,6 +94,21 @@ class HelloServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class _DateHeader:
+    """The Date header of the current second.
+
+    It changes once a second, yet the standard library formats it through
+    email.utils for every response: 23,700 CPU instructions, 11% of a /hello
+    request (callgrind). Kept on its own object: writing it to the handler
+    class instead would invalidate the class's attribute caches every second.
+    """
+
+    value: tuple[int, str] = (0, "")
+
+
+_date_header = _DateHeader()
+
+
 class HelloHandler(MetricsHandler):
     """The application: routes, the random delay and failure, the access log.
 
@@ -215,6 +230,17 @@ class HelloHandler(MetricsHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        now = int(time.time())
+        second, text = _date_header.value
+        if second != now:
+            text = super().date_time_string(now)
+            # Threads racing here store equal values; the tuple is swapped whole.
+            _date_header.value = (now, text)
+        return text
 
     # --- logging ------------------------------------------------------------
 
