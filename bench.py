@@ -18,7 +18,8 @@ Prints a table and writes the numbers as JSON (``--json``, default build/bench.j
 ``python bench.py serve-uninstrumented [hello_server flags]`` is the
 uninstrumented server that measurement 1 compares against; ``python bench.py
 profile`` (``make profile``) shows where the instrumented fast path spends its
-time, with py-spy.
+time, with py-spy; ``python bench.py instructions`` counts the CPU instructions
+of one /hello request through each handler with callgrind (needs valgrind).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import io
 import json
 import os
 import platform
@@ -369,6 +371,77 @@ def profile(seconds: int = 10) -> int:
     return 0
 
 
+# --- python bench.py instructions ----------------------------------------------
+
+REQUEST = b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+class _Pipelined:
+    """A fake client socket: n pipelined /hello requests in, responses discarded."""
+
+    def __init__(self, n: int) -> None:
+        self.data = REQUEST * n
+
+    def makefile(self, mode: str, buffering: int = -1) -> io.BufferedIOBase:
+        if "r" in mode:
+            return io.BufferedReader(io.BytesIO(self.data))
+        return io.BufferedWriter(_Discard(), 64 * 1024)
+
+    def setsockopt(self, *args: object) -> None:
+        pass
+
+    def settimeout(self, timeout: object) -> None:
+        pass
+
+
+class _Discard(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return len(b)
+
+
+def drive(instrumented: bool, n: int) -> None:
+    """Run n /hello requests through the handler in this process, no sockets."""
+    from prometheus_client import CollectorRegistry
+
+    import hello_server
+
+    config = hello_server.Config(host=HOST, port=0, max_delay=0.0, failure_rate=0.0, access_log=False)
+    server = hello_server.make_server(config, CollectorRegistry(), instrumented=instrumented)
+    server.RequestHandlerClass(_Pipelined(50), (HOST, 1), server)  # warm up
+    if n:
+        server.RequestHandlerClass(_Pipelined(n), (HOST, 1), server)
+    server.server_close()
+
+
+def instructions(n: int = 1000) -> int:
+    """CPU instructions per /hello request through the handler, counted by callgrind.
+
+    Unlike requests/s on a shared machine, the count is the same from run to
+    run (PYTHONHASHSEED pinned): the measure behind the changes in metrics.py.
+    """
+    if shutil.which("valgrind") is None:
+        print("bench: needs valgrind (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    def count(variant: str, requests: int) -> int:
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+        cmd += [sys.executable, str(HERE / "bench.py"), "drive", variant, str(requests)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+        return int(re.search(r"Collected : (\d+)", done.stderr).group(1))  # type: ignore[union-attr]
+
+    per = {v: (count(v, n) - count(v, 0)) / n for v in ("uninstrumented", "instrumented")}
+    for variant, value in per.items():
+        print(f"{variant:16} {value:>9,.0f} instructions per request")
+    extra = per["instrumented"] - per["uninstrumented"]
+    share, ratio = extra / per["uninstrumented"], per["uninstrumented"] / per["instrumented"]
+    print(f"instrumentation  {extra:>9,.0f} (+{share:.1%}); uninstrumented / instrumented {ratio:.3f}")
+    return 0
+
+
 # --- report -------------------------------------------------------------------
 
 
@@ -466,6 +539,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_uninstrumented(argv[1:])
     if argv[:1] == ["profile"]:
         return profile()
+    if argv[:1] == ["instructions"]:
+        return instructions()
+    if argv[:1] == ["drive"]:
+        drive(argv[1] == "instrumented", int(argv[2]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
     parser.add_argument("--json", default=str(HERE / "build" / "bench.json"), help="where to write the numbers")
     parser.add_argument("--quick", action="store_true", help="short runs: checks that the bench works, not numbers")
