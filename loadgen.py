@@ -437,24 +437,24 @@ class Generator:
             flush=True,
         )
 
-    def _more(self, now: float, sent: int) -> bool:
+    def _more(self, elapsed: float, sent: int) -> bool:
         plan, s = self.plan, self.stats
         if s.interrupted:
             return False
         if plan.requests is not None and sent >= plan.requests:
             return False
-        return plan.duration is None or now - s.started < plan.duration
+        return plan.duration is None or elapsed < plan.duration
 
     async def _open_loop(self) -> None:
         plan, s = self.plan, self.stats
         assert plan.rate is not None
-        interval = 1.0 / plan.rate
         tasks: set[asyncio.Task[None]] = set()
         i = 0
-        while True:
-            due = s.started + i * interval
-            if not self._more(due, i):
-                break
+        # i / rate, not started + i * interval - started: the division is
+        # exact where the schedule ends on the duration (50 at 50/s in 1 s),
+        # where the subtraction could round below it and send one more.
+        while self._more(i / plan.rate, i):
+            due = s.started + i / plan.rate
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -472,7 +472,7 @@ class Generator:
 
         async def worker() -> None:
             conn: Connection | None = None
-            while self._more(time.monotonic(), self.stats.sent):
+            while self._more(time.monotonic() - self.stats.started, self.stats.sent):
                 conn = await self._one(None, conn)
 
         await asyncio.gather(*(worker() for _ in range(self.plan.concurrency)))
