@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import audit
 import loadgen
 import queries
 import report
@@ -40,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say("demo: waiting for Prometheus' first scrape")
             s.wait_for_scrape()
             plan = loadgen.Plan(loadgen.Target.parse(s.app_url + "/hello"), rate=args.rate, duration=args.duration)
-            stats, audit = loadgen.audited_run(
+            stats, result = audit.audited_run(
                 plan,
                 loadgen.Progress(sys.stderr),
                 prometheus_url=s.prometheus_url,
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say("")
             say(f"demo: report written to {png}")
             say("")
-            say(loadgen.format_audit(audit))
+            say(audit.format_audit(result))
     except (stack.StackError, loadgen.UsageError, TimeoutError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ndemo: interrupted; app and Prometheus stopped", file=sys.stderr)
         return 130
     say("demo: app and Prometheus stopped")
-    return 0 if audit.ok else 1
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import audit
 import loadgen
 from hello_server import Config, make_server
 
@@ -50,12 +51,12 @@ def plan(url: str, **kw: object) -> loadgen.Plan:
 
 def test_closed_loop_counts_every_request_exactly(server: ServerFactory) -> None:
     base = server(failure_rate=0.5)
-    stats, audit = loadgen.audited_run(plan(base + "/hello", concurrency=8, requests=400))
+    stats, result = audit.audited_run(plan(base + "/hello", concurrency=8, requests=400))
     assert stats.sent == stats.responses == 400
     assert set(stats.statuses) == {200, 500}
     assert stats.failures == 0
-    assert audit.exact and audit.ok, loadgen.format_audit(audit)
-    assert {c.what for c in audit.checks} >= {
+    assert result.exact and result.ok, audit.format_audit(result)
+    assert {c.what for c in result.checks} >= {
         '/metrics: http_requests_total{path="/hello"}',
         '/metrics: response_status_total{status="200"}',
         '/metrics: response_status_total{status="500"}',
@@ -65,13 +66,13 @@ def test_closed_loop_counts_every_request_exactly(server: ServerFactory) -> None
 
 def test_open_loop_sends_the_planned_count_and_reuses_connections(server: ServerFactory) -> None:
     base = server(max_delay=0.02)
-    stats, audit = loadgen.audited_run(plan(base + "/hello", rate=200.0, requests=150))
+    stats, result = audit.audited_run(plan(base + "/hello", rate=200.0, requests=150))
     assert stats.sent == stats.responses == 150
     assert len(stats.send_lags) == len(stats.latencies) == 150
     # Keep-alive: far fewer connections than requests.
     assert stats.connections_opened < 150
     assert all(lat >= svc for lat, svc in zip(stats.latencies, stats.service_times, strict=True))
-    assert audit.exact, loadgen.format_audit(audit)
+    assert result.exact, audit.format_audit(result)
 
 
 def test_open_loop_duration_sets_the_count_from_the_schedule(server: ServerFactory) -> None:
@@ -83,25 +84,25 @@ def test_open_loop_duration_sets_the_count_from_the_schedule(server: ServerFacto
 
 def test_unknown_path_is_audited_under_the_servers_catch_all_label(server: ServerFactory) -> None:
     base = server()
-    stats, audit = loadgen.audited_run(plan(base + "/no/such/page?x=1", concurrency=3, requests=30))
+    stats, result = audit.audited_run(plan(base + "/no/such/page?x=1", concurrency=3, requests=30))
     assert stats.statuses == {404: 30}
-    assert audit.exact, loadgen.format_audit(audit)
-    assert '/metrics: http_requests_total{path="other"}' in {c.what for c in audit.checks}
+    assert result.exact, audit.format_audit(result)
+    assert '/metrics: http_requests_total{path="other"}' in {c.what for c in result.checks}
 
 
 def test_head_requests(server: ServerFactory) -> None:
     base = server(failure_rate=0.0)
-    stats, audit = loadgen.audited_run(plan(base + "/hello", concurrency=2, requests=20, method="HEAD"))
+    stats, result = audit.audited_run(plan(base + "/hello", concurrency=2, requests=20, method="HEAD"))
     assert stats.statuses == {200: 20}
-    assert audit.exact
+    assert result.exact
 
 
 def test_audit_quantiles_name_the_buckets(server: ServerFactory) -> None:
     base = server(max_delay=0.03, failure_rate=0.0)
-    _, audit = loadgen.audited_run(plan(base + "/hello", concurrency=10, requests=100))
-    assert [r["quantile"] for r in audit.quantiles] == [0.5, 0.9, 0.99]
+    _, result = audit.audited_run(plan(base + "/hello", concurrency=10, requests=100))
+    assert [r["quantile"] for r in result.quantiles] == [0.5, 0.9, 0.99]
     bounds = (0.0, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, float("inf"))
-    for row in audit.quantiles:
+    for row in result.quantiles:
         for value, bucket in ((row["client"], row["client_bucket"]), (row["histogram"], row["histogram_bucket"])):
             lower, upper = bucket
             assert lower < value <= upper or value == lower == 0
@@ -112,13 +113,13 @@ def test_audit_quantiles_name_the_buckets(server: ServerFactory) -> None:
 
 def test_timeouts_are_counted_and_widen_the_audit(server: ServerFactory) -> None:
     base = server(max_delay=0.5, failure_rate=0.0, seed=1)
-    stats, audit = loadgen.audited_run(plan(base + "/hello", concurrency=4, requests=8, timeout=0.001))
+    stats, result = audit.audited_run(plan(base + "/hello", concurrency=4, requests=8, timeout=0.001))
     assert stats.sent == 8
     assert stats.timeouts + stats.responses == 8
     assert stats.timeouts > 0
     # The server may have answered (and counted) the ones the client gave up on.
-    assert audit.ok
-    assert audit.notes
+    assert result.ok
+    assert result.notes
 
 
 def test_audit_fails_when_the_server_counts_something_else(server: ServerFactory, capsys) -> None:
@@ -137,7 +138,7 @@ def test_count_checks_catch_a_single_miscount() -> None:
     stats.statuses.update({200: 2, 500: 1})
 
     def exposition(ok: float, err: float) -> dict:
-        return loadgen.parse_exposition(
+        return audit.parse_exposition(
             f'http_requests_total{{path="/hello"}} {ok + err}\n'
             f'response_status_total{{status="200"}} {ok}\n'
             f'response_status_total{{status="500"}} {err}\n'
@@ -148,22 +149,22 @@ def test_count_checks_catch_a_single_miscount() -> None:
         )
 
     before = exposition(10, 5)
-    assert all(c.ok for c in loadgen.count_checks(stats, before, exposition(12, 6), "x"))
+    assert all(c.ok for c in audit.count_checks(stats, before, exposition(12, 6), "x"))
     # One 500 counted as a 200: the totals agree, the statuses do not.
-    bad = [c.what for c in loadgen.count_checks(stats, before, exposition(13, 5), "x") if not c.ok]
+    bad = [c.what for c in audit.count_checks(stats, before, exposition(13, 5), "x") if not c.ok]
     assert bad == ['x: response_status_total{status="200"}', 'x: response_status_total{status="500"}']
 
 
 def test_histogram_quantile_matches_prometheus() -> None:
     # Values worked out by hand with Prometheus' linear interpolation.
     cumulative = [(0.1, 10.0), (0.5, 30.0), (1.0, 40.0), (float("inf"), 40.0)]
-    assert loadgen.histogram_quantile(0.25, cumulative) == pytest.approx(0.1)
-    assert loadgen.histogram_quantile(0.5, cumulative) == pytest.approx(0.1 + 0.4 * 10 / 20)
-    assert loadgen.histogram_quantile(0.9, cumulative) == pytest.approx(0.5 + 0.5 * 6 / 10)
+    assert audit.histogram_quantile(0.25, cumulative) == pytest.approx(0.1)
+    assert audit.histogram_quantile(0.5, cumulative) == pytest.approx(0.1 + 0.4 * 10 / 20)
+    assert audit.histogram_quantile(0.9, cumulative) == pytest.approx(0.5 + 0.5 * 6 / 10)
     # Ranks in the +Inf bucket answer the largest finite bound.
-    assert loadgen.histogram_quantile(0.99, [(0.1, 1.0), (float("inf"), 10.0)]) == 0.1
-    assert loadgen.bucket_of(0.3, [0.1, 0.5, 1.0]) == (0.1, 0.5)
-    assert loadgen.bucket_of(2.0, [0.1, 0.5, 1.0]) == (1.0, float("inf"))
+    assert audit.histogram_quantile(0.99, [(0.1, 1.0), (float("inf"), 10.0)]) == 0.1
+    assert audit.bucket_of(0.3, [0.1, 0.5, 1.0]) == (0.1, 0.5)
+    assert audit.bucket_of(2.0, [0.1, 0.5, 1.0]) == (1.0, float("inf"))
 
 
 def test_json_summary_and_progress_lines(server: ServerFactory, tmp_path: Path, capsys) -> None:
@@ -250,7 +251,7 @@ def test_ctrl_c_stops_the_schedule_and_still_adds_up(server: ServerFactory) -> N
     ],
 )
 def test_prometheus_target_matching(monkeypatch, target: str, instances: list[str], expected: str | None) -> None:
-    prom = loadgen.Prometheus("http://127.0.0.1:1")
+    prom = audit.Prometheus("http://127.0.0.1:1")
     monkeypatch.setattr(prom, "query", lambda expr: [{"metric": {"instance": i}, "value": [0, "1"]} for i in instances])
     t = loadgen.Target.parse(target)
     if expected is None:
