@@ -485,6 +485,9 @@ def table(r: dict[str, Any]) -> str:
     m, o, s, lg = r["machine"], r["overhead"], r["scrape"], r["loadgen_vs_hey"]
     lines = [
         f"machine: {m['nproc']} cores, {m['cpu']}, Python {m['python']}; pinned: {m['pinned']}",
+        # Other work on the machine moves every rate; the load average says how much there was.
+        f"load average (1 min) {m['load_average_before'][0]:.1f} before the run, "
+        f"{m['load_average_after'][0]:.1f} after (which counts this bench's own threads too)",
         "",
         f"1. overhead: /hello, no delay, {o['connections']} keep-alive connections (wrk), "
         f"{len(o['runs']['instrumented'])} alternating runs of {o['seconds_per_run']} s each",
@@ -577,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r["loadgen_vs_hey"] = loadgen_vs_hey(500, seconds=3 if short else 10)
     r["targets"] = targets(r)
     r["seconds"] = time.monotonic() - started
+    r["machine"]["load_average_after"] = os.getloadavg()
     print(table(r))
     print(f"\n{r['seconds']:.0f} s; numbers in {args.json}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
