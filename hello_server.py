@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, MetricsHandler
 from prometheus_client.gc_collector import GCCollector
@@ -28,6 +29,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from metrics import HTTPMetrics, instrument
+
+T = TypeVar("T")
 
 HELLO = "/hello"
 METRICS = "/metrics"
@@ -283,25 +286,24 @@ def serve(server: HelloServer, stop: threading.Event) -> bool:
     return server.in_flight.wait_idle(server.config.grace_period)
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(text)
-    return value
+def _within(convert: Callable[[str], T], low: T, high: T, name: str, high_inclusive: bool = True) -> Callable[[str], T]:
+    """An argparse type: convert, then refuse values outside [low, high] (or [low, high))."""
+
+    def parse(text: str) -> T:
+        value = convert(text)
+        # Written so that NaN fails every comparison and is refused.
+        if not (low <= value <= high if high_inclusive else low <= value < high):  # type: ignore[operator]
+            raise ValueError(text)
+        return value
+
+    # argparse names the type in its error: "invalid probability in [0, 1] value: '2'".
+    parse.__name__ = name
+    return parse
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < float("inf"):
-        raise ValueError(text)
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError(text)
-    return value
+_probability = _within(float, 0.0, 1.0, "probability in [0, 1]")
+_seconds = _within(float, 0.0, float("inf"), "number of seconds >= 0", high_inclusive=False)
+_port = _within(int, 0, 65535, "port in 0..65535")
 
 
 def _switch(text: str) -> bool:
@@ -312,10 +314,6 @@ def _switch(text: str) -> bool:
     raise ValueError(text)
 
 
-# argparse names the type in its error: "invalid probability in [0, 1] value: '2'".
-_probability.__name__ = "probability in [0, 1]"
-_seconds.__name__ = "number of seconds >= 0"
-_port.__name__ = "port in 0..65535"
 _switch.__name__ = "on/off"
 
 
