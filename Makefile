@@ -65,7 +65,7 @@ run: $(VENV)/.run ## start the server on :8080 (Ctrl-C stops it)
 # --- the monitoring stack -------------------------------------------------------
 
 stack: $(VENV)/.dev tools ## the app on :8080 and a real Prometheus on :9090, no Docker (Ctrl-C stops)
-	$(PY) stack.py
+	$(PY) tools/stack.py
 
 # The same stack in Docker, with Grafana (docker-compose.yml). --wait returns
 # once every service's health check passes.
@@ -90,16 +90,16 @@ MINUTES    ?= 5
 DEMO_ARGS  ?=
 
 load: $(VENV)/.run ## send traffic to :8080/hello and audit its metrics (LOAD_ARGS=...)
-	$(PY) loadgen.py $(LOAD_ARGS)
+	$(PY) tools/loadgen.py $(LOAD_ARGS)
 
 queries: $(VENV)/.dev ## run the example PromQL queries against PROMETHEUS (default :9090)
-	$(PY) queries.py --prometheus $(PROMETHEUS)
+	$(PY) tools/queries.py --prometheus $(PROMETHEUS)
 
 report: $(VENV)/.dev ## draw the last MINUTES (5) from PROMETHEUS into build/report.png
-	$(PY) report.py --prometheus $(PROMETHEUS) --minutes $(MINUTES)
+	$(PY) tools/report.py --prometheus $(PROMETHEUS) --minutes $(MINUTES)
 
 demo: $(VENV)/.dev tools ## app + Prometheus + a minute of traffic + queries + report + audit, then stop
-	$(PY) demo.py $(DEMO_ARGS)
+	$(PY) tools/demo.py $(DEMO_ARGS)
 
 # --- checks -------------------------------------------------------------------
 
@@ -119,7 +119,7 @@ lint: $(VENV)/.dev tools ## check style and every config file
 	$(BIN)/yamllint --strict .
 	promtool check config --syntax-only prometheus.yml
 	@mkdir -p build
-	$(PY) -c 'import stack; print(stack.render_config({"hello": "127.0.0.1:8080", "prometheus": "127.0.0.1:9090"}))' \
+	PYTHONPATH=tools $(PY) -c 'import stack; print(stack.render_config({"hello": "127.0.0.1:8080", "prometheus": "127.0.0.1:9090"}))' \
 	  > build/prometheus.yml
 	promtool check config --lint-fatal build/prometheus.yml
 	promtool check rules --lint-fatal rules/*.yml
@@ -128,7 +128,7 @@ lint: $(VENV)/.dev tools ## check style and every config file
 	"$$($(PY) -c 'import compose, os; print(os.path.dirname(compose.__file__))')/docker-compose" \
 	  -f docker-compose.yml config --quiet
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
-	$(PY) check_dashboards.py
+	$(PY) tools/check_dashboards.py
 	$(PY) k8s/render_rules.py --check
 	$(BIN)/kubectl kustomize k8s > build/k8s.yaml
 	$(BIN)/kubernetes-validate --strict --quiet -k 1.25.0 -k 1.37.0 build/k8s.yaml
@@ -139,10 +139,10 @@ lint: $(VENV)/.dev tools ## check style and every config file
 # --- benchmark ------------------------------------------------------------------
 
 bench: $(VENV)/.run bench-tools ## overhead, tutorial workload, scrape, loadgen vs hey (~3 min; build/bench.json)
-	$(PY) bench.py --json build/bench.json
+	$(PY) tools/bench.py --json build/bench.json
 
 profile: $(VENV)/.bench bench-tools ## where the instrumented fast path spends the GIL (py-spy)
-	$(PY) bench.py profile
+	$(PY) tools/bench.py profile
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache __pycache__ build

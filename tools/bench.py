@@ -15,10 +15,10 @@ the server pinned to core 0 and the load tool to core 1 (when there are two):
 Absolute numbers drift on a shared machine; ratios measured in one run hold.
 Prints a table and writes the numbers as JSON (``--json``, default build/bench.json).
 
-``python bench.py serve-uninstrumented [hello_server flags]`` is the
-uninstrumented server that measurement 1 compares against; ``python bench.py
+``python tools/bench.py serve-uninstrumented [hello_server flags]`` is the
+uninstrumented server that measurement 1 compares against; ``python tools/bench.py
 profile`` (``make profile``) shows where the instrumented fast path spends its
-time, with py-spy; ``python bench.py instructions`` counts the CPU instructions
+time, with py-spy; ``python tools/bench.py instructions`` counts the CPU instructions
 of one /hello request through each handler with callgrind (needs valgrind).
 """
 
@@ -46,7 +46,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+# The server under test lives at the repository root, beside this folder.
+sys.path.insert(0, str(ROOT))
 HOST = "127.0.0.1"
 SERVER_CORE, LOAD_CORE = 0, 1
 PINNED = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
@@ -89,7 +92,7 @@ class Server:
     def __init__(self, instrumented: bool = True, max_delay: float = 0.0, failure_rate: float = 0.0) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        entry = [str(HERE / "hello_server.py")] if instrumented else [str(HERE / "bench.py"), "serve-uninstrumented"]
+        entry = [str(ROOT / "hello_server.py")] if instrumented else [str(TOOLS / "bench.py"), "serve-uninstrumented"]
         flags = ["--host", HOST, "--port", str(self.port), "--max-delay", str(max_delay)]
         flags += ["--failure-rate", str(failure_rate), "--access-log", "off", "--grace-period", "2"]
         self.proc = subprocess.Popen(
@@ -206,7 +209,7 @@ def hey(url: str, concurrency: int, seconds: int) -> dict[str, Any]:
 def loadgen(url: str, concurrency: int, seconds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "loadgen.json"
-        cmd = [sys.executable, str(HERE / "loadgen.py"), url, "--concurrency", str(concurrency)]
+        cmd = [sys.executable, str(TOOLS / "loadgen.py"), url, "--concurrency", str(concurrency)]
         run_tool([*cmd, "--duration", str(seconds), "--json", str(path), "--quiet"], seconds)
         s = json.loads(path.read_text())
     return {
@@ -321,7 +324,7 @@ def scrape(n: int) -> dict[str, Any]:
 
 def loadgen_vs_hey(connections: int, seconds: int) -> dict[str, Any]:
     """The project's load generator and hey, one after the other, same server and workload."""
-    if not (HERE / "loadgen.py").exists():
+    if not (TOOLS / "loadgen.py").exists():
         return {"error": "loadgen.py not available"}
     out: dict[str, Any] = {"connections": connections, "ideal": connections / 0.5}
     with Server(max_delay=1.0, failure_rate=0.2) as server:
@@ -341,7 +344,7 @@ def profile(seconds: int = 10) -> int:
     if py_spy is None:
         print("bench: py-spy is not installed; `make profile` installs it", file=sys.stderr)
         return 2
-    raw = HERE / "build" / "profile.txt"
+    raw = ROOT / "build" / "profile.txt"
     raw.parent.mkdir(exist_ok=True)
     with Server() as server:
         load = threading.Thread(target=wrk, args=(server.url + "/hello", 50, seconds + 3))
@@ -371,7 +374,7 @@ def profile(seconds: int = 10) -> int:
     return 0
 
 
-# --- python bench.py instructions ----------------------------------------------
+# --- python tools/bench.py instructions ----------------------------------------------
 
 REQUEST = b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -429,7 +432,7 @@ def instructions(n: int = 1000) -> int:
 
     def count(variant: str, requests: int) -> int:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
-        cmd += [sys.executable, str(HERE / "bench.py"), "drive", variant, str(requests)]
+        cmd += [sys.executable, str(TOOLS / "bench.py"), "drive", variant, str(requests)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
         return int(re.search(r"Collected : (\d+)", done.stderr).group(1))  # type: ignore[union-attr]
 
@@ -548,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         drive(argv[1] == "instrumented", int(argv[2]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
-    parser.add_argument("--json", default=str(HERE / "build" / "bench.json"), help="where to write the numbers")
+    parser.add_argument("--json", default=str(ROOT / "build" / "bench.json"), help="where to write the numbers")
     parser.add_argument("--quick", action="store_true", help="short runs: checks that the bench works, not numbers")
     args = parser.parse_args(argv)
     for tool in ("wrk", "hey"):

@@ -25,7 +25,7 @@ import report
 import stack
 from conftest import require_tool
 
-HERE = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -111,8 +111,8 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_docs_list_the_catalogue() -> None:
-    assert (HERE / "docs" / "queries.md").read_text() == queries.markdown(), (
-        "docs/queries.md is stale: python queries.py --markdown > docs/queries.md"
+    assert (ROOT / "docs" / "queries.md").read_text() == queries.markdown(), (
+        "docs/queries.md is stale: python tools/queries.py --markdown > docs/queries.md"
     )
 
 

@@ -1,6 +1,6 @@
 """One PNG of the four golden signals over the last minutes, from Prometheus.
 
-``python report.py`` (``make report``) runs range queries from the catalogue
+``python tools/report.py`` (``make report``) runs range queries from the catalogue
 in queries.py against a Prometheus (by default the native stack's) and draws
 traffic by status, the error ratio, latency quantiles and requests in flight
 into one image, so a person can look instead of read.

@@ -1,35 +1,25 @@
-"""Mock traffic for the hello server, and an audit of its metrics against it.
+"""The traffic engine behind loadgen.py: what to send, how, and what came back.
 
-Two ways to drive a URL (default http://127.0.0.1:8080/hello):
+Two ways to drive a URL:
 
-- open loop, ``--rate R``: request i is due at start + i/R whatever the server
+- open loop (``Plan.rate``): request i is due at start + i/R whatever the server
   does. A slow server does not slow the schedule down, and latency is measured
   from the time a request was *due*, not from when it was finally sent, so the
   wait it spent behind slow requests is not hidden (no coordinated omission).
   Every request that finds no idle keep-alive connection opens a new one.
-- closed loop, ``--concurrency N``: N workers, each sending its next request
+- closed loop (``Plan.concurrency``): N workers, each sending its next request
   as soon as the previous one is answered, each on its own keep-alive
   connection.
 
-It runs for ``--duration`` seconds or ``--requests`` requests, shows a live
-progress line on stderr, and prints a summary (``--json FILE`` writes it too).
-
-``--audit`` scrapes the server's /metrics before and after the run and checks
-that the server counted exactly what this client saw; with ``--prometheus
-URL`` it checks the same through Prometheus after its next scrape (audit.py).
-
-It is one asyncio event loop with a small HTTP/1.1 client protocol of its
-own, a measured choice: see the README's load section. Standard library plus prometheus-client's exposition
-parser.
+It is one asyncio event loop with a small HTTP/1.1 client protocol of its own
+(docs/traffic.md says why). ``audit.py`` and ``loadgen.py`` build on the
+types here; this module imports neither.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import math
-import os
 import signal
 import socket
 import sys
@@ -38,7 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -625,138 +615,3 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         cells = [_ms(d.get(k)) for k in ("min", "p50", "p90", "p99", "max")]
         out.append(f"  {name:<16}" + "".join(f"{c:>10}" for c in cells))
     return "\n".join(out)
-
-
-# --- the command line -------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, no usage block: the --help has that.
-        raise UsageError(f"{message} (see --help)")
-
-
-def _positive(kind: Callable[[str], float | int]) -> Callable[[str], Any]:
-    def parse(text: str) -> float | int:
-        value = kind(text)
-        if not value > 0 or math.isinf(value):
-            raise ValueError(text)
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
-    p = _Parser(
-        prog="loadgen",
-        description="Mock traffic for the hello server, with an audit of its metrics.",
-        epilog="Exit status: 0 done, 1 the audit found a count mismatch or could not finish, "
-        "2 bad arguments or unreachable target, 130 aborted by a second Ctrl-C.",
-    )
-    p.add_argument("url", nargs="?", default=DEFAULT_URL, help="target URL (default: %(default)s)")
-    how = p.add_mutually_exclusive_group()
-    how.add_argument("--rate", type=_positive(float), help="open loop: requests per second on a fixed schedule")
-    how.add_argument("--concurrency", type=_positive(int), help="closed loop: this many connections, back to back")
-    p.add_argument("--duration", type=_positive(float), help="seconds to run (default 10 unless --requests)")
-    p.add_argument("--requests", type=_positive(int), help="number of requests to send")
-    p.add_argument("--timeout", type=_positive(float), default=10.0, help="per-request timeout, s (default 10)")
-    p.add_argument("--method", choices=("GET", "HEAD"), default="GET")
-    p.add_argument(
-        "--json", metavar="FILE", help="write the summary (and audit) as JSON; - for stdout (the table goes to stderr)"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.add_argument("--progress-interval", type=_positive(float), help="seconds between progress lines")
-    p.add_argument("--audit", action="store_true", help="check the server's metrics against what the client saw")
-    p.add_argument("--metrics-url", help="where the audit scrapes (default: /metrics on the target's server)")
-    p.add_argument("--prometheus", metavar="URL", help="with --audit: also check through this Prometheus")
-    p.add_argument(
-        "--scrape-timeout", type=_positive(float), default=60.0, help="longest wait for a Prometheus scrape, s"
-    )
-    args = p.parse_args(argv)
-    if args.prometheus and not args.audit:
-        raise UsageError("--prometheus needs --audit")
-    if args.rate is None and args.concurrency is None:
-        args.rate = 10.0
-    if args.duration is None and args.requests is None:
-        args.duration = 10.0
-    target = Target.parse(args.url)
-    for url in filter(None, (args.metrics_url, args.prometheus)):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"malformed URL {url!r}")
-    plan = Plan(target, args.rate, args.concurrency, args.duration, args.requests, args.timeout, args.method)
-    return plan, args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    # audit.py builds on this module, so it is imported here, not at the top.
-    from audit import audited_run, format_audit
-
-    try:
-        plan, args = parse_args(argv)
-        check_reachable(plan.target)
-    except UsageError as e:
-        print(f"loadgen: error: {e}", file=sys.stderr)
-        return 2
-    progress = None if args.quiet else Progress(sys.stderr, args.progress_interval)
-    print(f"loadgen: {plan.describe()}", file=sys.stderr, flush=True)
-    audit = None
-    try:
-        if args.audit:
-            stats, audit = audited_run(
-                plan,
-                progress,
-                args.metrics_url,
-                args.prometheus,
-                args.scrape_timeout,
-                log=lambda m: print(m, file=sys.stderr, flush=True),
-                interruptible=True,
-            )
-        else:
-            stats = run(plan, progress, interruptible=True)
-    except KeyboardInterrupt:
-        print("loadgen: interrupted", file=sys.stderr)
-        return 130
-    except UsageError as e:
-        print(f"loadgen: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, TimeoutError, RuntimeError, ValueError) as e:
-        print(f"loadgen: audit failed: {e}", file=sys.stderr)
-        return 1
-    summary = stats.summary()
-    # With --json -, stdout carries only the JSON.
-    table = sys.stderr if args.json == "-" else sys.stdout
-    print(format_summary(summary), file=table)
-    if audit is not None:
-        summary["audit"] = audit.as_dict()
-        print(file=table)
-        print(format_audit(audit), file=table)
-    if args.json:
-        text = json.dumps(_finite(summary), indent=2, allow_nan=False)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 1 if audit is not None and not audit.ok else 0
-
-
-def _finite(o: Any) -> Any:
-    """o with NaN and infinities as null: JSON has neither."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
-
-
-if __name__ == "__main__":
-    # Make a broken pipe (loadgen ... | head) quiet.
-    try:
-        sys.exit(main())
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)

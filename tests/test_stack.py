@@ -28,7 +28,7 @@ import check_dashboards
 import stack
 from conftest import require_tool
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 RULE_FILES = sorted((ROOT / "rules").glob("*.yml"))
 RULES = [rule for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
 RECORDED = [rule["record"] for rule in RULES if "record" in rule]

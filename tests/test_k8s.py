@@ -29,7 +29,7 @@ import hello_server
 from conftest import require_tool
 from k8s import check_scrape_config, render_rules
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 
 

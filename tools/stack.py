@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 LISTENING = "listening on http://"
 T = TypeVar("T")
 

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import audit
-import loadgen
 import queries
 import report
 import stack
+import traffic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,15 +40,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"demo: app at {s.app_url}, Prometheus at {s.prometheus_url} (scrape interval from prometheus.yml)")
             say("demo: waiting for Prometheus' first scrape")
             s.wait_for_scrape()
-            plan = loadgen.Plan(loadgen.Target.parse(s.app_url + "/hello"), rate=args.rate, duration=args.duration)
+            plan = traffic.Plan(traffic.Target.parse(s.app_url + "/hello"), rate=args.rate, duration=args.duration)
             stats, result = audit.audited_run(
                 plan,
-                loadgen.Progress(sys.stderr),
+                traffic.Progress(sys.stderr),
                 prometheus_url=s.prometheus_url,
                 log=lambda m: print(m, file=sys.stderr, flush=True),
             )
             say("")
-            say(loadgen.format_summary(stats.summary()))
+            say(traffic.format_summary(stats.summary()))
             say("")
             say(f"demo: the example queries (queries.py) at {time.strftime('%H:%M:%S', time.gmtime())} UTC")
             say(queries.format_table(queries.run_all(s.prometheus_url)))
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"demo: report written to {png}")
             say("")
             say(audit.format_audit(result))
-    except (stack.StackError, loadgen.UsageError, TimeoutError) as e:
+    except (stack.StackError, traffic.UsageError, TimeoutError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

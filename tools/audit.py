@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from loadgen import (
+from traffic import (
     LATENCY,
     QUANTILES,
     REQUESTS,

@@ -16,9 +16,10 @@ import pytest
 
 import audit
 import loadgen
+import traffic
 from hello_server import Config, make_server
 
-HERE = Path(__file__).parent
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 ServerFactory = Callable[..., str]
 
@@ -45,8 +46,8 @@ def server() -> Iterator[ServerFactory]:
         srv.server_close()
 
 
-def plan(url: str, **kw: object) -> loadgen.Plan:
-    return loadgen.Plan(loadgen.Target.parse(url), **kw)  # type: ignore[arg-type]
+def plan(url: str, **kw: object) -> traffic.Plan:
+    return traffic.Plan(traffic.Target.parse(url), **kw)  # type: ignore[arg-type]
 
 
 def test_closed_loop_counts_every_request_exactly(server: ServerFactory) -> None:
@@ -77,7 +78,7 @@ def test_open_loop_sends_the_planned_count_and_reuses_connections(server: Server
 
 def test_open_loop_duration_sets_the_count_from_the_schedule(server: ServerFactory) -> None:
     base = server()
-    stats = loadgen.run(plan(base + "/hello", rate=100.0, duration=0.5))
+    stats = traffic.run(plan(base + "/hello", rate=100.0, duration=0.5))
     # Requests are due at 0, 10 ms, ..., 490 ms.
     assert stats.sent == stats.responses == 50
 
@@ -134,7 +135,7 @@ def test_audit_fails_when_the_server_counts_something_else(server: ServerFactory
 
 
 def test_count_checks_catch_a_single_miscount() -> None:
-    stats = loadgen.Stats(plan("http://127.0.0.1:1/hello", concurrency=1, requests=3))
+    stats = traffic.Stats(plan("http://127.0.0.1:1/hello", concurrency=1, requests=3))
     stats.statuses.update({200: 2, 500: 1})
 
     def exposition(ok: float, err: float) -> dict:
@@ -211,7 +212,7 @@ def _closed_port() -> int:
 def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str) -> None:
     args = [a.format(closed=_closed_port()) for a in args]
     result = subprocess.run(
-        [sys.executable, str(HERE / "loadgen.py"), *args], capture_output=True, text=True, timeout=30
+        [sys.executable, str(TOOLS / "loadgen.py"), *args], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2
     assert result.stdout == ""
@@ -222,7 +223,7 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str) -> No
 
 def test_ctrl_c_stops_the_schedule_and_still_adds_up(server: ServerFactory) -> None:
     base = server(max_delay=0.2)
-    cmd = [sys.executable, str(HERE / "loadgen.py"), base + "/hello", "--rate", "100", "--duration", "60"]
+    cmd = [sys.executable, str(TOOLS / "loadgen.py"), base + "/hello", "--rate", "100", "--duration", "60"]
     with subprocess.Popen(
         [*cmd, "--audit", "--progress-interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as proc:
@@ -253,9 +254,9 @@ def test_ctrl_c_stops_the_schedule_and_still_adds_up(server: ServerFactory) -> N
 def test_prometheus_target_matching(monkeypatch, target: str, instances: list[str], expected: str | None) -> None:
     prom = audit.Prometheus("http://127.0.0.1:1")
     monkeypatch.setattr(prom, "query", lambda expr: [{"metric": {"instance": i}, "value": [0, "1"]} for i in instances])
-    t = loadgen.Target.parse(target)
+    t = traffic.Target.parse(target)
     if expected is None:
-        with pytest.raises(loadgen.UsageError):
+        with pytest.raises(traffic.UsageError):
             prom.instance_of(t, deadline=0)
     else:
         assert prom.instance_of(t, deadline=0) == expected
@@ -290,7 +291,7 @@ def test_other_response_framings(path: str, status: int) -> None:
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
-        stats = loadgen.run(plan(f"http://127.0.0.1:{srv.server_address[1]}{path}", concurrency=2, requests=20))
+        stats = traffic.run(plan(f"http://127.0.0.1:{srv.server_address[1]}{path}", concurrency=2, requests=20))
     finally:
         srv.shutdown()
         thread.join()
