@@ -113,7 +113,8 @@ test: $(VENV)/.dev tools ## run every test
 # k8s/: the PrometheusRule in sync with rules/, the kustomize output against
 # the oldest and newest bundled Kubernetes schemas (CRDs only warn), the
 # PrometheusRule's own groups through promtool, and the kubernetes_sd job.
-lint: $(VENV)/.dev tools ## check style and every config file
+# check_links.py: every relative link and image in README.md and docs/*.md.
+lint: $(VENV)/.dev tools ## check style, every config file and the docs' links
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/yamllint --strict .
@@ -135,6 +136,7 @@ lint: $(VENV)/.dev tools ## check style and every config file
 	$(PY) k8s/render_rules.py --extract build/k8s-rules.yml
 	promtool check rules --lint-fatal build/k8s-rules.yml
 	$(PY) k8s/check_scrape_config.py
+	$(PY) tools/check_links.py
 
 # --- benchmark ------------------------------------------------------------------
 
