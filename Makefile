@@ -8,8 +8,9 @@ PY     := $(BIN)/python
 # apt-get needs root; elsewhere use sudo.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Server flags come from HELLO_* environment variables (see README), which
-# make passes on, e.g.  make run HELLO_PORT=9000 HELLO_FAILURE_RATE=0
+# Server flags come from HELLO_* environment variables (docs/server.md). make
+# exports variables given on its command line, so the server (also the one
+# make stack starts) sees them:  make run HELLO_PORT=9000,  make stack HELLO_FAILURE_RATE=1
 
 .PHONY: help run stack up down logs load queries report demo test lint tools bench bench-tools profile clean
 
@@ -81,7 +82,7 @@ logs: ## follow the Docker stack's logs
 
 # --- traffic, queries, report ---------------------------------------------------
 
-# loadgen.py's flags (python loadgen.py --help), e.g.
+# loadgen.py's flags (.venv/bin/python tools/loadgen.py --help), e.g.
 #   make load LOAD_ARGS="--rate 1000 --duration 60 --audit --prometheus http://localhost:9090"
 LOAD_ARGS  ?= --rate 100 --duration 30 --audit
 PROMETHEUS ?= http://localhost:9090
@@ -140,7 +141,7 @@ lint: $(VENV)/.dev tools ## check style, every config file and the docs' links
 
 # --- benchmark ------------------------------------------------------------------
 
-bench: $(VENV)/.run bench-tools ## overhead, tutorial workload, scrape, loadgen vs hey (~3 min; build/bench.json)
+bench: $(VENV)/.run bench-tools ## overhead, tutorial workload, scrape, loadgen vs hey (~2.5 min; build/bench.json)
 	$(PY) tools/bench.py --json build/bench.json
 
 profile: $(VENV)/.bench bench-tools ## where the instrumented fast path spends the GIL (py-spy)
