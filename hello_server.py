@@ -9,11 +9,13 @@ hello_server.py --help`` for the flags.
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -352,18 +354,29 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     return Config(**vars(parser.parse_args(argv)))
 
 
+def _bind_problem(error: OSError, config: Config) -> tuple[int, str]:
+    """(exit status, message) for a failed bind: a bad --host is a bad argument (2), a busy port is not (1)."""
+    where = f"{config.host}:{config.port}"
+    if isinstance(error, socket.gaierror):
+        return 2, f"cannot resolve --host {config.host!r} ({error.strerror}); use an IPv4 address or name, e.g. 0.0.0.0"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return 2, f"cannot bind --host {config.host}: not an address of this machine; try 0.0.0.0 or 127.0.0.1"
+    if error.errno == errno.EADDRINUSE:
+        return 1, f"cannot listen on {where}: port in use; pick another --port (HELLO_PORT) or stop what uses it"
+    if error.errno == errno.EACCES:
+        return 1, f"cannot listen on {where}: ports below 1024 need privileges; pick another --port (HELLO_PORT)"
+    return 1, f"cannot listen on {where}: {error.strerror or error}"
+
+
 def main(argv: Sequence[str] | None = None, instrumented: bool = True) -> int:
     """Serve until SIGTERM or SIGINT; instrumented=False is bench.py's baseline."""
     config = parse_args(argv)
     try:
         server = make_server(config, instrumented=instrumented)
     except OSError as e:
-        print(
-            f"hello_server: cannot listen on {config.host}:{config.port}: {e.strerror}; "
-            "pick another --port or stop what uses it",
-            file=sys.stderr,
-        )
-        return 1
+        code, message = _bind_problem(e, config)
+        print(f"hello_server: {message}", file=sys.stderr)
+        return code
     # Threads waiting for the GIL wake every switch interval (5 ms by default)
     # to demand it; with 2,000 connections on one core those wake-ups (futex
     # and context switches in `perf`) ate the core. The tutorial's workload,

@@ -909,9 +909,37 @@ def test_process_reports_a_busy_port(process) -> None:
         timeout=30,
     )
     assert busy.returncode == 1
-    assert f"cannot listen on {HOST}:{p.port}" in busy.stderr
+    assert busy.stderr == (
+        f"hello_server: cannot listen on {HOST}:{p.port}: port in use; "
+        "pick another --port (HELLO_PORT) or stop what uses it\n"
+    )
     p.proc.send_signal(signal.SIGINT)
     assert p.wait() == 0
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        # Not an IPv4 address, so looked up as a name, which does not exist.
+        ("999.1.1.1", "cannot resolve --host '999.1.1.1'"),
+        # TEST-NET-1 (RFC 5737): a valid address no machine here has.
+        ("192.0.2.1", "cannot bind --host 192.0.2.1: not an address of this machine"),
+    ],
+)
+def test_process_bad_host_is_a_bad_argument(host: str, message: str) -> None:
+    bad = subprocess.run(
+        [sys.executable, str(HERE / "hello_server.py"), "--host", host, "--port", "0"],
+        cwd=HERE,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2
+    [line] = bad.stderr.splitlines()
+    assert line.startswith(f"hello_server: {message}"), line
+    # A host problem is not a port problem.
+    assert "--port" not in line
 
 
 # --- promtool -----------------------------------------------------------------
