@@ -11,6 +11,8 @@ import contextlib
 import io
 import json
 import math
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import queries
 import report
 import stack
 from conftest import require_tool
+from hello_server import Config, make_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,11 +106,53 @@ def test_report_png(traffic: Traffic, tmp_path: Path) -> None:
         assert report.fetch(traffic.stack.prometheus_url, name, end - 60, end, 1, report.DEFAULT_WINDOW), name
 
 
-def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    # Nothing listens on port 1.
-    assert queries.main(["--prometheus", "http://127.0.0.1:1"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "cannot reach Prometheus" in err
+@pytest.fixture(scope="module")
+def app_url() -> Iterator[str]:
+    """The hello server itself, which a user may pass as --prometheus by mistake."""
+    server = make_server(Config(host="127.0.0.1", port=0, access_log=False))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("tool", [queries, report], ids=["queries", "report"])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("notaurl", "'notaurl' is not a URL; expected a Prometheus base URL like http://localhost:9090"),
+        ("localhost:9090", "is not a URL; expected a Prometheus base URL like http://localhost:9090"),
+        ("{app}", "{app} answered HTTP 404 to /api/v1/query"),
+        ("{app}/", "{app} answered HTTP 404 to /api/v1/query"),
+        (
+            "http://127.0.0.1:{closed}",
+            "nothing listening at http://127.0.0.1:{closed}: start Prometheus with `make stack`",
+        ),
+    ],
+)
+def test_a_wrong_prometheus_url_is_one_line_and_exit_2(
+    tool, url: str, expected: str, app_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    closed = _closed_port()
+    url, expected = (x.format(app=app_url, closed=closed) for x in (url, expected))
+    extra = ["--output", str(tmp_path / "r.png")] if tool is report else []
+    assert tool.main(["--prometheus", url, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith(f"{tool.__name__}: ") and expected in line, line
+    if "404" in expected:
+        # report.py asks /api/v1/query_range; the verdict is the same.
+        assert "but is not a Prometheus API; expected a Prometheus base URL like http://localhost:9090" in line
+    assert not (tmp_path / "r.png").exists()
 
 
 def test_docs_list_the_catalogue() -> None:

@@ -25,6 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import check_dashboards
+import promapi
 import stack
 from conftest import require_tool
 
@@ -145,7 +146,7 @@ def test_every_dashboard_and_rule_expression_runs(live):
     for where, expr in queries:
         try:
             result = stack.query(live.prometheus_url, expr)
-        except stack.StackError as e:
+        except promapi.PrometheusError as e:
             errors.append(f"{where}: {e}")
             continue
         # The dashboard's queries must also find series; only the alert panels may be

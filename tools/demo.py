@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import audit
+import promapi
 import queries
 import report
 import stack
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"demo: report written to {png}")
             say("")
             say(audit.format_audit(result))
-    except (stack.StackError, traffic.UsageError, TimeoutError) as e:
+    except (stack.StackError, promapi.PrometheusError, traffic.UsageError, TimeoutError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,7 +18,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-DEFAULT_PROMETHEUS = "http://localhost:9090"
+import promapi
+
+DEFAULT_PROMETHEUS = promapi.EXAMPLE
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,9 @@ def labels_text(metric: dict[str, str]) -> str:
 
 def run_all(prometheus_url: str, at: float | None = None) -> list[tuple[Query, list[tuple[str, float]]]]:
     """Every catalogue query's (labels, value) rows, in catalogue order."""
-    import stack
-
     out = []
     for q in CATALOGUE:
-        rows = [(labels_text(r["metric"]), float(r["value"][1])) for r in stack.query(prometheus_url, q.expr, at)]
+        rows = [(labels_text(r["metric"]), float(r["value"][1])) for r in promapi.query(prometheus_url, q.expr, at)]
         out.append((q, sorted(rows)))
     return out
 
@@ -192,11 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         print(markdown(), end="")
         return 0
-    import stack
-
     try:
-        results = run_all(args.prometheus)
-    except stack.StackError as e:
+        results = run_all(promapi.base_url(args.prometheus))
+    except promapi.PrometheusError as e:
         print(f"queries: {e}", file=sys.stderr)
         return 2
     print(format_table(results, args.exprs))

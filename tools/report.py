@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import promapi
 import queries
 
 DEFAULT_OUTPUT = Path("build/report.png")
@@ -34,10 +35,8 @@ def fetch(
     prometheus_url: str, name: str, start: float, end: float, step: float, window: str
 ) -> list[tuple[dict, list, list]]:
     """(labels, times, values) of each series of a catalogue query over [start, end]."""
-    import stack
-
     out = []
-    for series in stack.query_range(prometheus_url, expr(name, window), start, end, step):
+    for series in promapi.query_range(prometheus_url, expr(name, window), start, end, step):
         times = [dt.datetime.fromtimestamp(float(t), dt.UTC) for t, _ in series["values"]]
         values = [float(v) for _, v in series["values"]]
         out.append((series["metric"], times, values))
@@ -176,12 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.minutes > 0:
         parser.error("--minutes must be positive")
-    import stack
-
     end = time.time()
     try:
-        path = render(args.prometheus, end - args.minutes * 60, end, args.output, args.window)
-    except stack.StackError as e:
+        path = render(promapi.base_url(args.prometheus), end - args.minutes * 60, end, args.output, args.window)
+    except promapi.PrometheusError as e:
         print(f"report: {e}", file=sys.stderr)
         return 2
     print(f"report: wrote {path}")

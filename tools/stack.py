@@ -10,7 +10,6 @@ end-to-end tests use ``native_stack()``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -20,16 +19,17 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
+
+from promapi import query
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = "listening on http://"
@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 
 class StackError(RuntimeError):
-    """The stack could not start, or Prometheus refused a query."""
+    """The stack could not start, or a wait on it timed out."""
 
 
 def render_config(
@@ -104,36 +104,6 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             raise StackError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
-
-
-def _api(prometheus_url: str, endpoint: str, params: dict[str, Any]) -> Any:
-    url = f"{prometheus_url}/api/v1/{endpoint}?{urllib.parse.urlencode(params)}"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.load(response)
-    except urllib.error.HTTPError as e:
-        body = json.load(e)  # Prometheus explains a bad query in a JSON body with a 400/422.
-    except urllib.error.URLError as e:
-        raise StackError(f"cannot reach Prometheus at {prometheus_url}: {e.reason}") from e
-    if body.get("status") != "success":
-        raise StackError(f"Prometheus rejected {params.get('query')!r}: {body.get('error', body)}")
-    return body["data"]
-
-
-def query(prometheus_url: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-    """An instant query; the result vector (empty if no series matched)."""
-    params: dict[str, Any] = {"query": expr}
-    if at is not None:
-        params["time"] = at
-    data = _api(prometheus_url, "query", params)
-    result = data["result"]
-    # A scalar or string result is one [time, value] pair, not a vector.
-    return result if data["resultType"] in ("vector", "matrix") else [{"metric": {}, "value": result}]
-
-
-def query_range(prometheus_url: str, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-    """A range query; one {metric, values} entry per series."""
-    return _api(prometheus_url, "query_range", {"query": expr, "start": start, "end": end, "step": step})["result"]
 
 
 def _free_port(host: str) -> int:
