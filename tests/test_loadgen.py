@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
 import signal
 import socket
 import subprocess
@@ -300,3 +303,96 @@ def test_other_response_framings(path: str, status: int) -> None:
     assert stats.failures == 0
     # Chunked responses keep the connection; the others close it every time.
     assert stats.connections_opened == (2 if path == "/chunked" else 20)
+
+
+def _hello_count(base: str) -> float:
+    return audit.series(audit.scrape(base + "/metrics"), traffic.REQUESTS, "path").get("/hello", 0.0)
+
+
+def _loadgen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(TOOLS / "loadgen.py"), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("where", ["/nonexistent/dir/x.json", "{tmp}"])
+def test_an_unwritable_json_path_is_refused_before_any_traffic(
+    server: ServerFactory, tmp_path: Path, where: str
+) -> None:
+    base = server()
+    path = where.format(tmp=tmp_path)
+    result = _loadgen(base + "/hello", "--requests", "20", "--audit", "--json", path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"loadgen: error: --json {path}: "), line
+    assert _hello_count(base) == 0
+
+
+@pytest.mark.parametrize(
+    "flag, url, expected",
+    [
+        ("--metrics-url", "http://127.0.0.1:{closed}/metrics", "cannot scrape http://127.0.0.1:{closed}/metrics: "),
+        ("--metrics-url", "{base}/nope", "cannot scrape {base}/nope: HTTP 404; is it the server's /metrics?"),
+        ("--prometheus", "http://127.0.0.1:{closed}", "nothing listening at http://127.0.0.1:{closed}: "),
+        ("--prometheus", "{base}", "{base} answered HTTP 404 to /api/v1/query but is not a Prometheus API"),
+    ],
+)
+def test_an_audit_url_that_does_not_work_is_named_before_any_traffic(
+    server: ServerFactory, flag: str, url: str, expected: str
+) -> None:
+    base = server()
+    closed = _closed_port()
+    url, expected = (x.format(base=base, closed=closed) for x in (url, expected))
+    result = _loadgen(base + "/hello", "--requests", "20", "--quiet", "--audit", flag, url)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    # The plan line first, the error last.
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("loadgen: GET "), result.stderr
+    assert lines[-1].startswith("loadgen: error: ") and expected in lines[-1], lines[-1]
+    assert lines[-1].endswith("(nothing was sent)")
+    assert _hello_count(base) == 0
+
+
+def test_a_page_that_is_not_an_exposition_is_named(server: ServerFactory) -> None:
+    url = server(failure_rate=0.0) + "/hello"
+    with pytest.raises(audit.ScrapeError, match=f"^{url} is not a Prometheus exposition "):
+        audit.scrape(url)
+
+
+def test_a_failed_scrape_names_its_url() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/metrics"
+    with pytest.raises(audit.ScrapeError, match=f"^cannot scrape {url}: Connection refused$"):
+        audit.scrape(url)
+
+
+def test_the_plan_line_shows_once_on_a_terminal(server: ServerFactory) -> None:
+    base = server()
+    primary, secondary = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, str(TOOLS / "loadgen.py"), base + "/hello", "--requests", "5", "--quiet"],
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+    ) as proc:
+        os.close(secondary)
+        output = b""
+        # Read to the end: EIO once the child has closed the terminal.
+        with contextlib.suppress(OSError):
+            while chunk := os.read(primary, 4096):
+                output += chunk
+        assert proc.wait(timeout=30) == 0
+    os.close(primary)
+    text = output.decode()
+    assert text.count("loadgen: GET ") == 1, text
+    assert "answered" in text
+
+
+def test_the_plan_line_heads_a_saved_summary(server: ServerFactory, tmp_path: Path) -> None:
+    base = server()
+    result = _loadgen(base + "/hello", "--requests", "5", "--quiet")
+    assert result.returncode == 0
+    # Each stream on its own says what ran: stderr as it starts, stdout's summary.
+    assert result.stderr.startswith("loadgen: GET ")
+    assert result.stdout.startswith("loadgen: GET ")

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import math
 import time
-import urllib.parse
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import promapi
 from traffic import (
     LATENCY,
     QUANTILES,
@@ -50,10 +50,25 @@ def parse_exposition(text: str) -> dict[Sample, float]:
     return out
 
 
+class ScrapeError(OSError):
+    """A /metrics scrape failed; the message names the URL."""
+
+
 def scrape(url: str, timeout: float = 10.0) -> dict[Sample, float]:
     request = urllib.request.Request(url, headers={"Accept": "text/plain"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return parse_exposition(response.read().decode("utf-8"))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read().decode("utf-8")
+    except urllib.error.HTTPError as e:
+        raise ScrapeError(f"cannot scrape {url}: HTTP {e.code}; is it the server's /metrics? (--metrics-url)") from None
+    except urllib.error.URLError as e:
+        raise ScrapeError(f"cannot scrape {url}: {getattr(e.reason, 'strerror', None) or e.reason}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScrapeError(f"cannot scrape {url}: {e}") from None
+    try:
+        return parse_exposition(text)
+    except ValueError as e:
+        raise ScrapeError(f"{url} is not a Prometheus exposition ({e}); is it the server's /metrics?") from None
 
 
 def series(samples: Mapping[Sample, float], name: str, label: str) -> dict[str, float]:
@@ -195,16 +210,11 @@ class Prometheus:
     """The few calls of Prometheus' HTTP API the audit needs."""
 
     def __init__(self, url: str, timeout: float = 10.0) -> None:
-        self.url = url.rstrip("/")
+        self.url = promapi.base_url(url)
         self.timeout = timeout
 
     def query(self, expr: str) -> list[dict[str, Any]]:
-        query = urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?{query}", timeout=self.timeout) as response:
-            body = json.load(response)
-        if body.get("status") != "success":
-            raise RuntimeError(f"Prometheus query {expr!r} failed: {body.get('error')}")
-        return body["data"]["result"]
+        return promapi.query(self.url, expr, timeout=self.timeout)
 
     def instance_of(self, target: Target, deadline: float) -> str:
         """The instance label under which Prometheus scrapes target's server.
@@ -346,14 +356,19 @@ def audited_run(
 ) -> tuple[Stats, Audit]:
     """Run plan between two scrapes of the server (and of Prometheus) and compare."""
     metrics_url = metrics_url or plan.target.sibling("/metrics")
-    prom = Prometheus(prometheus_url) if prometheus_url else None
     instance = prom_before = None
-    before = settled_scrape(metrics_url, time.monotonic() + 5)
-    if prom:
-        log(f"loadgen: waiting for Prometheus at {prom.url} to scrape {plan.target.netloc} before the run")
-        instance = prom.instance_of(plan.target, time.time() + scrape_timeout)
-        prom.wait_for_scrape(instance, time.time(), time.time() + scrape_timeout)
-        prom_before = prom.samples(instance)
+    # Nothing is sent yet: a /metrics or Prometheus URL that does not work
+    # here is a bad argument, not a failed audit.
+    try:
+        prom = Prometheus(prometheus_url) if prometheus_url else None
+        before = settled_scrape(metrics_url, time.monotonic() + 5)
+        if prom:
+            log(f"loadgen: waiting for Prometheus at {prom.url} to scrape {plan.target.netloc} before the run")
+            instance = prom.instance_of(plan.target, time.time() + scrape_timeout)
+            prom.wait_for_scrape(instance, time.time(), time.time() + scrape_timeout)
+            prom_before = prom.samples(instance)
+    except (ScrapeError, promapi.PrometheusError) as e:
+        raise UsageError(f"{e} (nothing was sent)") from None
     stats = run(plan, progress, interruptible)
     after = settled_scrape(metrics_url, time.monotonic() + 5)
     settled_at = time.time()

@@ -19,7 +19,7 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from audit import audited_run, format_audit
 from traffic import DEFAULT_URL, Plan, Progress, Target, UsageError, check_reachable, format_summary, run
@@ -82,8 +82,29 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"malformed URL {url!r}")
+    if args.json and args.json != "-":
+        _check_writable(args.json)
     plan = Plan(target, args.rate, args.concurrency, args.duration, args.requests, args.timeout, args.method)
     return plan, args
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a --json path that could not be written, before any traffic is sent."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise UsageError(f"--json {path}: is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--json {path}: no directory {folder!r}; create it or choose another path")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise UsageError(f"--json {path}: not writable; choose another path")
+
+
+def _same_terminal(a: TextIO, b: TextIO) -> bool:
+    """Whether a and b are one terminal, so what goes to one shows in the other."""
+    try:
+        return a.isatty() and b.isatty() and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (OSError, ValueError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loadgen: error: {e}", file=sys.stderr)
         return 2
     progress = None if args.quiet else Progress(sys.stderr, args.progress_interval)
+    # What is about to run goes to stderr; the summary on stdout starts with
+    # the same line, so that a saved summary says what it measured. On one
+    # terminal the reader has seen it already.
+    header_shown = _same_terminal(sys.stdout, sys.stderr)
     print(f"loadgen: {plan.describe()}", file=sys.stderr, flush=True)
     audit = None
     try:
@@ -121,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = stats.summary()
     # With --json -, stdout carries only the JSON.
     table = sys.stderr if args.json == "-" else sys.stdout
-    print(format_summary(summary), file=table)
+    print(format_summary(summary, header=not (header_shown and table is sys.stdout)), file=table)
     if audit is not None:
         summary["audit"] = audit.as_dict()
         print(file=table)
@@ -131,8 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json == "-":
             print(text)
         else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+            try:
+                with open(args.json, "w") as f:
+                    f.write(text + "\n")
+            except OSError as e:
+                print(f"loadgen: cannot write {args.json}: {e.strerror or e}", file=sys.stderr)
+                return 1
     return 1 if audit is not None and not audit.ok else 0
 
 

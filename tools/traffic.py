@@ -582,8 +582,9 @@ def check_reachable(target: Target, timeout: float = 5.0) -> None:
 # --- the summary table ------------------------------------------------------
 
 
-def format_summary(summary: Mapping[str, Any]) -> str:
-    out = [f"loadgen: {summary['plan']}"]
+def format_summary(summary: Mapping[str, Any], header: bool = True) -> str:
+    """The summary table; header=False leaves out the first line, the plan."""
+    out = [f"loadgen: {summary['plan']}"] if header else []
     if summary.get("interrupted"):
         out.append("loadgen: stopped early by Ctrl-C")
     out.append("")
