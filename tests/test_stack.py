@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -182,3 +186,48 @@ def test_the_error_ratio_alert_goes_pending_when_every_request_fails():
         assert 0.8 <= ratio <= 1
         # Its `for` (5m) keeps it from firing in a test's lifetime.
         assert ALERTS["HelloErrorRatioHigh"]["for"] == "5m"
+
+
+def _makefile_default(variable: str) -> str:
+    """The value of `VARIABLE ?= value` in the Makefile."""
+    [value] = re.findall(rf"^{variable}\s*\?=\s*(.*)$", (ROOT / "Makefile").read_text(), re.M)
+    return value.strip()
+
+
+def test_the_banner_agrees_with_the_makefiles_defaults():
+    assert _makefile_default("LOAD_ARGS") == stack.MAKE_LOAD_ARGS
+    assert _makefile_default("PROMETHEUS") == stack.MAKE_PROMETHEUS
+    default = stack.Stack(stack.MAKE_APP_URL, "http://127.0.0.1:9090", Path("/tmp/x"), None, None)  # type: ignore[arg-type]
+    text = stack.banner(default)
+    assert "  make load\n  make queries\n  make report\n" in text
+
+
+def test_stack_on_other_ports_prints_commands_that_reach_them():
+    require_tool("prometheus")
+    cmd = [sys.executable, str(ROOT / "tools" / "stack.py"), "--app-port", "0", "--prometheus-port", "0"]
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = []
+            # The banner ends with the line on Ctrl-C; stack.py exits (EOF) if it cannot start.
+            while (line := proc.stdout.readline()) and "Ctrl-C" not in line:
+                lines.append(line.rstrip("\n"))
+            text = "\n".join(lines)
+            app = re.search(r"^app +(http://127\.0\.0\.1:\d+)/hello ", text, re.M)
+            prom = re.search(r"^prometheus +(http://127\.0\.0\.1:\d+)/graph", text, re.M)
+            assert app and prom, text
+            assert app[1] != stack.MAKE_APP_URL and ":9090" not in prom[1]
+            load_args = f"{app[1]}/hello {stack.MAKE_LOAD_ARGS}"
+            assert f'  make load LOAD_ARGS="{load_args}"' in lines
+            assert f"  make queries PROMETHEUS={prom[1]}" in lines
+            assert f"  make report PROMETHEUS={prom[1]}" in lines
+            # The rules page it names is there.
+            [rules] = [line.split()[1] for line in lines if line.startswith("rules ")]
+            assert rules == prom[1] + "/classic/rules"
+            with urllib.request.urlopen(rules, timeout=10) as response:
+                assert response.status == 200
+                assert "HelloErrorRatioHigh" in response.read().decode()
+        finally:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err

@@ -226,6 +226,40 @@ def native_stack(
             _stop(app)
 
 
+# The Makefile's defaults: its `make load`, `make queries` and `make report`
+# reach the stack only on these.
+MAKE_APP_URL = "http://127.0.0.1:8080"
+MAKE_PROMETHEUS = "http://localhost:9090"
+MAKE_LOAD_ARGS = "--rate 100 --duration 30 --audit"
+
+
+def banner(stack: Stack) -> str:
+    """Where everything is, and the commands that reach this stack's ports."""
+    app, prom = stack.app_url, stack.prometheus_url
+    tutorial = urllib.parse.quote('rate(http_requests_total{path="/hello"}[1m])')
+    lines = [
+        f"app         {app}/hello   {app}/metrics",
+        f"prometheus  {prom}/graph?g0.expr={tutorial}&g0.tab=0",
+        f"targets     {prom}/classic/targets",
+        f"rules       {prom}/classic/rules",
+        f"alerts      {prom}/classic/alerts",
+        f"logs, TSDB  {stack.workdir}",
+        "",
+    ]
+    same_app = urllib.parse.urlsplit(app).port == urllib.parse.urlsplit(MAKE_APP_URL).port
+    same_prom = urllib.parse.urlsplit(prom).port == urllib.parse.urlsplit(MAKE_PROMETHEUS).port
+    load = "make load" if same_app else f'make load LOAD_ARGS="{app}/hello {MAKE_LOAD_ARGS}"'
+    given = "" if same_prom else f" PROMETHEUS={prom}"
+    lines += [
+        "In another terminal:",
+        f"  {load}",
+        f"  make queries{given}",
+        f"  make report{given}",
+        "Ctrl-C stops both.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run the app and Debian's prometheus on loopback until Ctrl-C.",
@@ -250,16 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prometheus_port=args.prometheus_port,
             workdir=args.workdir,
         ) as stack:
-            tutorial = urllib.parse.quote('rate(http_requests_total{path="/hello"}[1m])')
-            print(
-                f"app         {stack.app_url}/hello   {stack.app_url}/metrics\n"
-                f"prometheus  {stack.prometheus_url}/graph?g0.expr={tutorial}&g0.tab=0\n"
-                f"targets     {stack.prometheus_url}/classic/targets\n"
-                f"alerts      {stack.prometheus_url}/classic/alerts\n"
-                f"logs, TSDB  {stack.workdir}\n"
-                "Send traffic with `make load`; Ctrl-C stops both.",
-                flush=True,
-            )
+            print(banner(stack), flush=True)
             while not stop.wait(0.5):
                 if problem := stack.stopped():
                     print(f"stack: {problem}", file=sys.stderr)
