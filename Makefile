@@ -23,14 +23,21 @@ $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# One stamp per requirements file: `make run` needs only the server's.
+# One stamp per requirements file, each file including the one before:
+# `make run` and `make load` need only the server's, `make stack`, `report`
+# and `demo` the tools' (PyYAML, matplotlib), tests and linters the rest.
+# A stamp also marks the smaller sets it installed.
 $(VENV)/.run: requirements.txt | $(BIN)/activate
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/activate
+$(VENV)/.tools: requirements.txt requirements-tools.txt | $(BIN)/activate
+	$(PY) -m pip install --quiet -r requirements-tools.txt
+	touch $@ $(VENV)/.run
+
+$(VENV)/.dev: requirements.txt requirements-tools.txt requirements-dev.txt | $(BIN)/activate
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	touch $@
+	touch $@ $(VENV)/.tools $(VENV)/.run
 
 # Debian's prometheus package gives promtool and a real Prometheus for the
 # end-to-end tests.
@@ -65,7 +72,7 @@ run: $(VENV)/.run ## start the server on :8080 (Ctrl-C stops it)
 
 # --- the monitoring stack -------------------------------------------------------
 
-stack: $(VENV)/.dev tools ## the app on :8080 and a real Prometheus on :9090, no Docker (Ctrl-C stops)
+stack: $(VENV)/.tools tools ## the app on :8080 and a real Prometheus on :9090, no Docker (Ctrl-C stops)
 	$(PY) tools/stack.py
 
 # The same stack in Docker, with Grafana (docker-compose.yml). --wait returns
@@ -93,13 +100,13 @@ DEMO_ARGS  ?=
 load: $(VENV)/.run ## send traffic to :8080/hello and audit its metrics (LOAD_ARGS=...)
 	$(PY) tools/loadgen.py $(LOAD_ARGS)
 
-queries: $(VENV)/.dev ## run the example PromQL queries against PROMETHEUS (default :9090)
+queries: $(VENV)/.run ## run the example PromQL queries against PROMETHEUS (default :9090)
 	$(PY) tools/queries.py --prometheus $(PROMETHEUS)
 
-report: $(VENV)/.dev ## draw the last MINUTES (5) from PROMETHEUS into build/report.png
+report: $(VENV)/.tools ## draw the last MINUTES (5) from PROMETHEUS into build/report.png
 	$(PY) tools/report.py --prometheus $(PROMETHEUS) --minutes $(MINUTES)
 
-demo: $(VENV)/.dev tools ## app + Prometheus + a minute of traffic + queries + report + audit, then stop
+demo: $(VENV)/.tools tools ## app + Prometheus + a minute of traffic + queries + report + audit, then stop
 	$(PY) tools/demo.py $(DEMO_ARGS)
 
 # --- checks -------------------------------------------------------------------
