@@ -898,16 +898,21 @@ def test_process_sigterm_drains_a_request_in_flight(process) -> None:
     assert p.stderr[-1] == "hello_server: stopped\n"
 
 
-def test_process_reports_a_busy_port(process) -> None:
-    p = process("--access-log", "off")
-    busy = subprocess.run(
-        [sys.executable, str(HERE / "hello_server.py"), "--host", HOST, "--port", str(p.port)],
+def run_server_to_exit(*args: str) -> subprocess.CompletedProcess[str]:
+    """hello_server.py with args, for a start that must fail: its exit status and output."""
+    return subprocess.run(
+        [sys.executable, str(HERE / "hello_server.py"), *args],
         cwd=HERE,
         env=clean_env(),
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_process_reports_a_busy_port(process) -> None:
+    p = process("--access-log", "off")
+    busy = run_server_to_exit("--host", HOST, "--port", str(p.port))
     assert busy.returncode == 1
     assert busy.stderr == (
         f"hello_server: cannot listen on {HOST}:{p.port}: port in use; "
@@ -927,14 +932,7 @@ def test_process_reports_a_busy_port(process) -> None:
     ],
 )
 def test_process_bad_host_is_a_bad_argument(host: str, message: str) -> None:
-    bad = subprocess.run(
-        [sys.executable, str(HERE / "hello_server.py"), "--host", host, "--port", "0"],
-        cwd=HERE,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    bad = run_server_to_exit("--host", host, "--port", "0")
     assert bad.returncode == 2
     [line] = bad.stderr.splitlines()
     assert line.startswith(f"hello_server: {message}"), line
