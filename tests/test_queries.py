@@ -155,6 +155,17 @@ def test_a_wrong_prometheus_url_is_one_line_and_exit_2(
     assert not (tmp_path / "r.png").exists()
 
 
+@pytest.mark.parametrize("output", ["/dev/null/report.png", "{tmp}"])
+def test_report_refuses_an_unwritable_output_before_querying(
+    output: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = output.format(tmp=tmp_path)
+    # Nothing listens there either: the output is checked first.
+    assert report.main(["--prometheus", f"http://127.0.0.1:{_closed_port()}", "--output", output]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"report: --output {output}: ") and line.endswith("; choose another path"), line
+
+
 def test_docs_list_the_catalogue() -> None:
     assert (ROOT / "docs" / "queries.md").read_text() == queries.markdown(), (
         "docs/queries.md is stale: python tools/queries.py --markdown > docs/queries.md"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -164,6 +165,21 @@ def _headroom(ax: object) -> None:
     ax.set_ylim(bottom, top * 1.25)  # type: ignore[attr-defined]
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why a file could not be written at path (its folder is created if missing), or None."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"{path.parent} is not a directory"
+    except OSError as e:
+        return f"cannot create {path.parent}: {e.strerror}"
+    if path.is_dir():
+        return "is a directory"
+    if not os.access(path.parent, os.W_OK):
+        return f"{path.parent} is not writable"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Draw the golden signals of the last minutes into one PNG.")
     parser.add_argument(
@@ -175,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.minutes > 0:
         parser.error("--minutes must be positive")
+    # Before querying: a PNG that cannot be written would lose the work.
+    if problem := _unwritable(args.output):
+        print(f"report: --output {args.output}: {problem}; choose another path", file=sys.stderr)
+        return 2
     end = time.time()
     try:
         path = render(promapi.base_url(args.prometheus), end - args.minutes * 60, end, args.output, args.window)
