@@ -9,11 +9,13 @@ hello_server.py --help`` for the flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import io
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import sys
@@ -22,7 +24,6 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, MetricsHandler
@@ -30,6 +31,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from connections import GuardedHandler, GuardedServer
 from metrics import HTTPMetrics, instrument
 
 T = TypeVar("T")
@@ -49,33 +51,18 @@ class Config:
     seed: int | None = None
     access_log: bool = True
     grace_period: float = 10.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    max_connections: int = 4096
 
 
-class InFlight:
-    """Counts requests being handled, so shutdown can wait for them to finish."""
+class HelloServer(GuardedServer):
+    """A threading server that carries the configuration its handlers read.
 
-    def __init__(self) -> None:
-        self._count = 0
-        self._idle = threading.Condition()
-
-    def __enter__(self) -> None:
-        with self._idle:
-            self._count += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._idle:
-            self._count -= 1
-            if not self._count:
-                self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False if timeout ran out first."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._count, timeout)
-
-
-class HelloServer(ThreadingHTTPServer):
-    """A threading server that carries the configuration its handlers read."""
+    GuardedServer (connections.py) bounds what clients can hold: deadlines for
+    a request's head and for idle keep-alive, a cap on connections with a
+    thread (503 past it), and a drain on shutdown.
+    """
 
     # socketserver's default backlog of 5 drops SYNs under a burst of
     # connections, and clients then retry only after 1 s, 2 s, 4 s. Even 1024
@@ -88,13 +75,18 @@ class HelloServer(ThreadingHTTPServer):
         self.config = config
         self.registry = registry
         self.rng = random.Random(config.seed)
-        self.in_flight = InFlight()
-        self.stopping = False
         # (second, text) of the Date header. It changes once a second, yet the
         # stdlib formats it through email.utils for every response: 23,700 CPU
         # instructions, 11% of a /hello request (callgrind).
         self.date_header = (0, "")
-        super().__init__((config.host, config.port), handler)
+        super().__init__(
+            (config.host, config.port),
+            handler,
+            registry,
+            header_timeout=config.header_timeout,
+            idle_timeout=config.idle_timeout,
+            max_connections=config.max_connections,
+        )
 
     def handle_error(self, request: object, client_address: object) -> None:
         # A client that hangs up is routine, not a server error.
@@ -103,7 +95,7 @@ class HelloServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-class HelloHandler(MetricsHandler):
+class HelloHandler(GuardedHandler, MetricsHandler):
     """The application: routes, the random delay and failure, the access log.
 
     It knows nothing of the request metrics; ``metrics.instrument`` adds them.
@@ -165,8 +157,7 @@ class HelloHandler(MetricsHandler):
     def do_GET(self) -> None:
         route = self.path.partition("?")[0]
         if route == HELLO:
-            with self.server.in_flight:
-                self._hello()
+            self._hello()
         elif route == METRICS:
             self._metrics()
         else:
@@ -272,9 +263,10 @@ def make_server(config: Config, registry: CollectorRegistry | None = None, instr
 def serve(server: HelloServer, stop: threading.Event) -> bool:
     """Serve until stop is set, then shut down gracefully.
 
-    Stops accepting, lets requests in flight finish within the grace period
-    (their responses say Connection: close), and closes the socket. Returns
-    False if requests were still running when the grace period ran out.
+    Stops accepting, closes the connections that are waiting for a request,
+    and lets requests being read or handled finish within the grace period
+    (their responses say Connection: close). Returns False if connections
+    were still busy when the grace period ran out.
     """
     thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     thread.start()
@@ -283,9 +275,7 @@ def serve(server: HelloServer, stop: threading.Event) -> bool:
     server.shutdown()
     thread.join()
     server.server_close()
-    # Idle keep-alive connections are daemon threads blocked on a read:
-    # they end with the process.
-    return server.in_flight.wait_idle(server.config.grace_period)
+    return server.wait_drained(server.config.grace_period)
 
 
 def _within(convert: Callable[[str], T], low: T, high: T, name: str, high_inclusive: bool = True) -> Callable[[str], T]:
@@ -306,6 +296,9 @@ def _within(convert: Callable[[str], T], low: T, high: T, name: str, high_inclus
 _probability = _within(float, 0.0, 1.0, "probability in [0, 1]")
 _seconds = _within(float, 0.0, float("inf"), "number of seconds >= 0", high_inclusive=False)
 _port = _within(int, 0, 65535, "port in 0..65535")
+# A deadline of 0 would close every connection; past a day is a typo.
+_timeout = _within(float, 0.001, 86400.0, "number of seconds in [0.001, 86400]")
+_count = _within(int, 1, 1_000_000, "count in 1..1000000")
 
 
 def _switch(text: str) -> bool:
@@ -351,6 +344,24 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     option("--seed", int, d.seed, "seed for reproducible delays and failures")
     option("--access-log", _switch, "on" if d.access_log else "off", "one logfmt line per response on stderr")
     option("--grace-period", _seconds, d.grace_period, "seconds requests in flight get to finish on SIGTERM")
+    option(
+        "--header-timeout",
+        _timeout,
+        d.header_timeout,
+        "seconds a client has to send a request's line and headers, from its first byte",
+    )
+    option(
+        "--idle-timeout",
+        _timeout,
+        d.idle_timeout,
+        "seconds a keep-alive connection may wait for its next request; set above a load balancer's idle timeout",
+    )
+    option(
+        "--max-connections",
+        _count,
+        d.max_connections,
+        "connections served at once (a thread each); past it requests get 503",
+    )
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -371,6 +382,13 @@ def _bind_problem(error: OSError, config: Config) -> tuple[int, str]:
 def main(argv: Sequence[str] | None = None, instrumented: bool = True) -> int:
     """Serve until SIGTERM or SIGINT; instrumented=False is bench.py's baseline."""
     config = parse_args(argv)
+    # Each connection is a descriptor, and a shell's default soft limit (1,024)
+    # sits far below --max-connections: accept() would fail with EMFILE, and
+    # socketserver retries it in a busy loop. The hard limit is the
+    # administrator's ceiling; Go raises the soft limit to it at start too.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit is not a number setrlimit takes
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         server = make_server(config, instrumented=instrumented)
     except OSError as e:
