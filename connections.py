@@ -13,11 +13,15 @@ mixin) bound each of those:
   for the time left, so a client trickling a byte a second cannot extend it.
 - idle timeout: a keep-alive connection waits at most ``idle_timeout`` seconds
   for the next request's first byte.
-- admission cap: at most ``max_connections`` connections hold a thread. A
-  connection past the cap costs no thread: one thread reads its request line
-  and answers ``503`` with ``Retry-After`` and ``Connection: close``.
-- drain: on shutdown, connections waiting for a request are closed at once;
-  requests being read or handled finish, and say ``Connection: close``.
+- a lobby: a new connection waits for its first byte in one thread's
+  selector, as in cheroot and gunicorn's gthread worker, so connections that
+  never speak cost a socket, not a thread (about 30 KB each).
+- admission cap: at most ``max_connections`` connections hold a thread. Past
+  it, the lobby reads a connection's request line and answers ``503`` with
+  ``Retry-After`` and ``Connection: close``: fast, and no thread for it.
+- drain: on shutdown, connections waiting for a request (in the lobby or
+  kept alive) are closed at once; requests being read or handled finish, and
+  say ``Connection: close``.
 
 A connection that misses a deadline is closed without an answer, as Go's
 net/http does: it is an attacker or a client that has gone, and a 408 sent to
@@ -83,10 +87,13 @@ class ConnectionMetrics:
         self._served = 0
         registry.register(self)
 
-    def admit(self) -> bool:
-        """Count an accepted connection; True if it may have a thread, False if it is past the cap."""
+    def accepted(self) -> None:
         with self._lock:
             self._accepted += 1
+
+    def take_thread(self) -> bool:
+        """True if a connection may have a thread (and counts it); False past the cap."""
+        with self._lock:
             if self._served >= self.limit:
                 return False
             self._served += 1
@@ -101,7 +108,7 @@ class ConnectionMetrics:
                 self._lock.notify_all()
 
     def closed(self, reason: str) -> None:
-        """A connection past the cap is closed."""
+        """A connection that never had a thread is closed."""
         with self._lock:
             self._closed[reason] += 1
 
@@ -217,9 +224,8 @@ class GuardedHandler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         server, reader = self.server, self._reader
         # The first request is due header_timeout after the accept, counting
-        # the wait for its first byte: a connection that never speaks is a
-        # header timeout.
-        reader.arm(server.header_timeout, HEADER_TIMEOUT)
+        # the time its first byte took to come.
+        reader.deadline = server.accepted_at.pop(self.request, time.monotonic()) + server.header_timeout
         first = True
         self.close_connection = False
         while True:
@@ -263,6 +269,10 @@ class GuardedHandler(BaseHTTPRequestHandler):
 class GuardedServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer with a connection cap, a drain, and connection metrics.
 
+    A new connection waits in a lobby (one thread, a selector) until its
+    first byte arrives, so connections that never speak cost no thread. Then
+    it gets a thread if fewer than max_connections have one, else a 503.
+
     Its handler class must include ``GuardedHandler``. If the handler class
     has a ``metrics`` attribute (``metrics.instrument`` sets one), refused
     requests are recorded there as 503 responses too.
@@ -285,21 +295,33 @@ class GuardedServer(ThreadingHTTPServer):
         self.stopping = False
         self._handlers: dict[object, GuardedHandler] = {}
         self._handlers_lock = threading.Lock()
-        self._refuser: _Refuser | None = None
+        # When each connection waiting for a thread was accepted: its first
+        # request's header deadline counts from then.
+        self.accepted_at: dict[object, float] = {}
+        self._lobby: _Lobby | None = None
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.admit():
-            if self._refuser is None:  # only the accept thread gets here
-                self._refuser = _Refuser(self)
-            self._refuser.refuse(request)
-            return
+        self.connections.accepted()
+        if self._lobby is None:  # only the accept thread gets here
+            self._lobby = _Lobby(self)
+        self._lobby.enter(request, client_address)
+
+    def give_thread(self, request: Any, client_address: Any, accepted_at: float) -> bool:
+        """Serve a connection whose first bytes have arrived in a thread; False past the cap."""
+        if not self.connections.take_thread():
+            return False
+        request.setblocking(True)
+        self.accepted_at[request] = accepted_at
         try:
             super().process_request(request, client_address)
-        except BaseException:
-            # No thread started (out of memory or threads): the caller closes it.
+        except Exception:
+            # No thread started (out of memory or threads).
+            self.accepted_at.pop(request, None)
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
             self.connections.release(NORMAL)
-            raise
+        return True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -334,8 +356,8 @@ class GuardedServer(ThreadingHTTPServer):
         """Stop listening, close every connection waiting for a request, and stop refusing."""
         self.stopping = True
         super().server_close()
-        if self._refuser is not None:
-            self._refuser.stop()
+        if self._lobby is not None:
+            self._lobby.stop()
         with self._handlers_lock:
             handlers = list(self._handlers.values())
         for handler in handlers:
@@ -347,21 +369,26 @@ class GuardedServer(ThreadingHTTPServer):
 
 
 class _Parked:
-    __slots__ = ("answered", "deadline", "head", "sock")
+    __slots__ = ("accepted_at", "address", "answered", "deadline", "head", "sock")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, address: Any, accepted_at: float, deadline: float) -> None:
         self.sock = sock
+        self.address = address
+        self.accepted_at = accepted_at
         self.deadline = deadline
         self.head = bytearray()
         self.answered = False
 
 
-class _Refuser:
-    """Answers connections past the cap with 503 from one thread: none costs a thread of its own.
+class _Lobby:
+    """Where new connections wait for their first byte, in one thread, with a selector.
 
-    It reads each one's request line (for the path label, so that the client's
-    503s and the server's add up per route), answers, lingers, and closes. One
-    that sends no request line within the header deadline is closed unanswered.
+    A connection that has sent something gets a thread (GuardedServer.give_thread)
+    if one is free under the cap; otherwise this thread reads its request
+    line (for the path label, so that the client's 503s and the server's add
+    up per route), answers 503, lingers, and closes it. A connection that
+    sends nothing within the header deadline is closed here, unanswered,
+    having never cost a thread.
     """
 
     def __init__(self, server: GuardedServer) -> None:
@@ -371,17 +398,17 @@ class _Refuser:
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._incoming: deque[socket.socket] = deque()  # append and popleft are atomic
+        self._incoming: deque[tuple[socket.socket, Any, float]] = deque()  # append and popleft are atomic
         self._parked: dict[socket.socket, _Parked] = {}
         self._deadlines: list[tuple[float, int, socket.socket]] = []
         self._order = itertools.count()  # breaks ties in the heap: sockets don't compare
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="refuser", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="lobby", daemon=True)
         self._thread.start()
 
-    def refuse(self, sock: socket.socket) -> None:
+    def enter(self, sock: socket.socket, address: Any) -> None:
         sock.setblocking(False)
-        self._incoming.append(sock)
+        self._incoming.append((sock, address, time.monotonic()))
         self._wake()
 
     def stop(self) -> None:
@@ -399,17 +426,14 @@ class _Refuser:
                 timeout = max(0.0, self._deadlines[0][0] - time.monotonic()) if self._deadlines else None
                 for key, _ in self._selector.select(timeout):
                     if key.fileobj is self._wake_r:
-                        while True:
-                            try:
-                                if not self._wake_r.recv(4096):
-                                    break
-                            except BlockingIOError:
-                                break
+                        with contextlib.suppress(BlockingIOError):
+                            while self._wake_r.recv(4096):
+                                pass
                     else:
-                        self._read(key.data)
+                        self._readable(key.data)
                 while self._incoming:
-                    sock = self._incoming.popleft()
-                    parked = _Parked(sock, time.monotonic() + self._server.header_timeout)
+                    sock, address, accepted_at = self._incoming.popleft()
+                    parked = _Parked(sock, address, accepted_at, accepted_at + self._server.header_timeout)
                     self._parked[sock] = parked
                     self._selector.register(sock, selectors.EVENT_READ, parked)
                     heapq.heappush(self._deadlines, (parked.deadline, next(self._order), sock))
@@ -421,15 +445,29 @@ class _Refuser:
                         self._close(parked_now, REFUSED if parked_now.answered else HEADER_TIMEOUT)
         finally:
             while self._incoming:
-                sock = self._incoming.popleft()
-                self._parked[sock] = _Parked(sock, 0.0)
+                sock, address, accepted_at = self._incoming.popleft()
+                self._parked[sock] = _Parked(sock, address, accepted_at, 0.0)
             for parked in list(self._parked.values()):
                 self._close(parked, REFUSED if parked.answered else SHUTDOWN)
             self._selector.close()
             self._wake_r.close()
             self._wake_w.close()
 
-    def _read(self, parked: _Parked) -> None:
+    def _readable(self, parked: _Parked) -> None:
+        if not parked.answered and not parked.head:
+            try:
+                first = parked.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            except OSError:
+                first = b""
+            if not first:  # connected and left without a word
+                self._close(parked, NORMAL)
+                return
+            self._forget(parked)
+            if self._server.give_thread(parked.sock, parked.address, parked.accepted_at):
+                return
+            self._remember(parked)
         try:
             data = parked.sock.recv(65536)
         except BlockingIOError:
@@ -472,6 +510,14 @@ class _Refuser:
         parked.answered = True
         parked.deadline = time.monotonic() + LINGER
         heapq.heappush(self._deadlines, (parked.deadline, next(self._order), parked.sock))
+
+    def _forget(self, parked: _Parked) -> None:
+        del self._parked[parked.sock]
+        self._selector.unregister(parked.sock)
+
+    def _remember(self, parked: _Parked) -> None:
+        self._parked[parked.sock] = parked
+        self._selector.register(parked.sock, selectors.EVENT_READ, parked)
 
     def _close(self, parked: _Parked, reason: str) -> None:
         if self._parked.pop(parked.sock, None) is None:
