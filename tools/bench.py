@@ -11,6 +11,11 @@ the server pinned to core 0 and the load tool to core 1 (when there are two):
    (connections / 0.5 s mean delay), transport errors, peak RSS and threads.
 3. scrape: /metrics time (median, p99) and size, plain and gzip.
 4. loadgen: the project's load generator against hey, same server, same workload.
+5. impolite clients, against the server's default connection settings: RSS
+   and threads with 0, 1,000 and 10,000 silent connections and with 10,000
+   kept alive after a request; a polite client's answer time while 5,000
+   silent and 200 slowloris connections are held; the time to refuse a
+   request past the connection cap (median, p99).
 
 Absolute numbers drift on a shared machine; ratios measured in one run hold.
 Prints a table and writes the numbers as JSON (``--json``, default build/bench.json).
@@ -59,6 +64,7 @@ TARGET_OVERHEAD = 0.95  # instrumented / uninstrumented throughput
 TARGET_TUTORIAL = 0.95  # achieved / ideal at 2,000 connections, with zero transport errors
 TARGET_SCRAPE_MS = 2.0  # median /metrics time
 TARGET_LOADGEN = 0.9  # loadgen rate / hey rate
+TARGET_RSS_MIB = 256  # the Deployment's memory limit (k8s/app), 256 Mi
 
 
 # --- the uninstrumented server ------------------------------------------------
@@ -89,12 +95,14 @@ def free_port() -> int:
 class Server:
     """A hello server subprocess on a free loopback port, pinned to SERVER_CORE."""
 
-    def __init__(self, instrumented: bool = True, max_delay: float = 0.0, failure_rate: float = 0.0) -> None:
+    def __init__(
+        self, instrumented: bool = True, max_delay: float = 0.0, failure_rate: float = 0.0, *extra: str
+    ) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         entry = [str(ROOT / "hello_server.py")] if instrumented else [str(TOOLS / "bench.py"), "serve-uninstrumented"]
         flags = ["--host", HOST, "--port", str(self.port), "--max-delay", str(max_delay)]
-        flags += ["--failure-rate", str(failure_rate), "--access-log", "off", "--grace-period", "2"]
+        flags += ["--failure-rate", str(failure_rate), "--access-log", "off", "--grace-period", "2", *extra]
         self.proc = subprocess.Popen(
             [sys.executable, *entry, *flags],
             stdout=subprocess.DEVNULL,
@@ -112,6 +120,9 @@ class Server:
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+    def descriptors(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def status(self) -> dict[str, int]:
         """VmRSS, VmHWM (peak RSS) in KiB and Threads, from /proc."""
@@ -335,6 +346,146 @@ def loadgen_vs_hey(connections: int, seconds: int) -> dict[str, Any]:
     return out
 
 
+# --- impolite clients ----------------------------------------------------------
+
+REQUEST_HELLO = b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def _settle(server: Server, descriptors: int, seconds: float = 5.0) -> None:
+    """Wait until the server holds at least this many descriptors (it has accepted them)."""
+    deadline = time.monotonic() + seconds
+    while server.descriptors() < descriptors and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _silent(port: int, n: int) -> list[socket.socket]:
+    return [socket.create_connection((HOST, port), timeout=10) for _ in range(n)]
+
+
+def _exchange(port: int, keep: bool = False) -> tuple[float, int, socket.socket | None]:
+    """One /hello on a new connection: seconds to the whole response, its status, the socket if kept."""
+    t = time.perf_counter()
+    sock = socket.create_connection((HOST, port), timeout=10)
+    sock.sendall(REQUEST_HELLO)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
+        re.search(rb"Content-Length: (\d+)", data).group(1)  # type: ignore[union-attr]
+        if b"Content-Length" in data
+        else 0
+    ):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    took = time.perf_counter() - t
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    if keep and status == 200:
+        return took, status, sock
+    sock.close()
+    return took, status, None
+
+
+def _quantiles(times: list[float]) -> dict[str, float]:
+    times = sorted(times)
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "p99_ms": times[int(0.99 * (len(times) - 1))] * 1e3,
+        "max_ms": times[-1] * 1e3,
+    }
+
+
+def impolite(short: bool) -> dict[str, Any]:
+    """What impolite clients cost the server under its default connection settings."""
+    out: dict[str, Any] = {"held": []}
+    with Server() as server:
+        _exchange(server.port)  # the first connection starts the lobby, with descriptors of its own
+        time.sleep(0.5)  # and closes
+        base = server.descriptors()
+        for n in (0, 1_000, 10_000):
+            # Silent connections are closed at the 10 s header deadline: measure well before.
+            socks = _silent(server.port, n)
+            _settle(server, base + n)
+            time.sleep(0.5)
+            s = server.status()
+            out["held"].append(
+                {"kind": "silent", "connections": n, "rss_mib": s["VmRSS"] / 1024, "threads": s["Threads"]}
+            )
+            for sock in socks:
+                sock.close()
+            _settle_down(server, base)
+        # Kept alive after a request: each holds a thread, up to the cap; past it, 503.
+        n = 2_000 if short else 10_000
+        kept, statuses = [], {}
+        for _ in range(n):
+            _, status, sock = _exchange(server.port, keep=True)
+            statuses[status] = statuses.get(status, 0) + 1
+            if sock is not None:
+                kept.append(sock)
+        time.sleep(0.5)
+        s = server.status()
+        out["held"].append(
+            {"kind": "kept alive", "connections": n, "rss_mib": s["VmRSS"] / 1024, "threads": s["Threads"],
+             "statuses": statuses}
+        )  # fmt: skip
+        for sock in kept:
+            sock.close()
+        _settle_down(server, base)
+        out["peak_rss_mib"] = server.status()["VmHWM"] / 1024
+
+    with Server() as server:
+        silent = _silent(server.port, 5_000)
+        trickling = _silent(server.port, 200)
+        stop = threading.Event()
+
+        def trickle() -> None:
+            # One header byte a second each, as slowloris does.
+            for byte in REQUEST_HELLO[:-4]:
+                for sock in trickling:
+                    with contextlib.suppress(OSError):
+                        sock.send(bytes([byte]))
+                if stop.wait(1.0):
+                    return
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        time.sleep(1.5)
+        times, statuses = [], {}
+        for _ in range(50 if short else 200):
+            took, status, _ = _exchange(server.port)
+            times.append(took)
+            statuses[status] = statuses.get(status, 0) + 1
+        s = server.status()
+        stop.set()
+        sender.join()
+        for sock in silent + trickling:
+            sock.close()
+        out["polite_beside"] = {
+            "silent": 5_000, "slowloris": 200, "requests": len(times), "statuses": statuses,
+            "rss_mib": s["VmRSS"] / 1024, "threads": s["Threads"], **_quantiles(times),
+        }  # fmt: skip
+
+    cap = 100
+    with Server(True, 0.0, 0.0, "--max-connections", str(cap)) as server:
+        kept = [_exchange(server.port, keep=True)[2] for _ in range(cap)]
+        times, statuses = [], {}
+        for _ in range(200 if short else 1_000):
+            took, status, _ = _exchange(server.port)
+            times.append(took)
+            statuses[status] = statuses.get(status, 0) + 1
+        for sock in kept:
+            if sock is not None:
+                sock.close()
+        out["refusal"] = {"cap": cap, "requests": len(times), "statuses": statuses, **_quantiles(times)}
+    return out
+
+
+def _settle_down(server: Server, descriptors: int, seconds: float = 15.0) -> None:
+    """Wait until the server is back to this many descriptors (it has closed the rest)."""
+    deadline = time.monotonic() + seconds
+    while server.descriptors() > descriptors and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 # --- make profile -------------------------------------------------------------
 
 
@@ -479,6 +630,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     )  # fmt: skip
     median = r["scrape"]["plain"]["median_ms"]
     rows.append(("/metrics scrape median, ms", f"<= {TARGET_SCRAPE_MS}", median, median <= TARGET_SCRAPE_MS))
+    if "impolite" in r:
+        peak = r["impolite"]["peak_rss_mib"]
+        rows.append((f"peak RSS, {max(h['connections'] for h in r['impolite']['held']):,} connections held, MiB",
+                     f"< {TARGET_RSS_MIB}", peak, peak < TARGET_RSS_MIB))  # fmt: skip
     lg = r["loadgen_vs_hey"]
     if "ratio" in lg:
         rows.append(("loadgen rate / hey rate", f">= {TARGET_LOADGEN}", lg["ratio"], lg["ratio"] >= TARGET_LOADGEN))
@@ -534,6 +689,25 @@ def table(r: dict[str, Any]) -> str:
             v = lg[name]
             lines.append(f"   {name:8} {v['rate']:>7,.0f} req/s of {lg['ideal']:,.0f} ideal, {v['errors']} errors")
         lines += [f"   ratio loadgen / hey {lg['ratio']:.3f}", ""]
+    im = r.get("impolite")
+    if im:
+        lines.append("5. impolite clients, default connection settings (header 10 s, idle 75 s, cap 4,096)")
+        lines.append(f"   {'held':>10} {'connections':>12} {'RSS':>9} {'threads':>8}")
+        for h in im["held"]:
+            lines.append(f"   {h['kind']:>10} {h['connections']:>12,} {h['rss_mib']:>5.0f} MiB {h['threads']:>8,}")
+        lines.append(f"   peak RSS over those: {im['peak_rss_mib']:.0f} MiB")
+        pb = im["polite_beside"]
+        lines.append(
+            f"   polite /hello beside {pb['silent']:,} silent + {pb['slowloris']} slowloris connections: "
+            f"median {pb['median_ms']:.2f} ms, p99 {pb['p99_ms']:.2f} ms, max {pb['max_ms']:.2f} ms, "
+            f"statuses {pb['statuses']}, {pb['threads']:,} threads, {pb['rss_mib']:.0f} MiB"
+        )
+        rf = im["refusal"]
+        lines += [
+            f"   refusal past a cap of {rf['cap']}: median {rf['median_ms']:.2f} ms, p99 {rf['p99_ms']:.2f} ms "
+            f"(connect to the end of the 503), statuses {rf['statuses']}",
+            "",
+        ]
     lines.append("targets:")
     for t in r["targets"]:
         value = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
@@ -584,6 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r["scrape"] = scrape(n=50 if short else 300)
     step("4. load generator vs hey")
     r["loadgen_vs_hey"] = loadgen_vs_hey(500, seconds=3 if short else 10)
+    step("5. impolite clients")
+    r["impolite"] = impolite(short)
     r["targets"] = targets(r)
     r["seconds"] = time.monotonic() - started
     r["machine"]["load_average_after"] = os.getloadavg()
