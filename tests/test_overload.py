@@ -23,7 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+import audit
 import hello_server
+import traffic
 from connections import REASONS
 from hello_server import Config, HelloHandler
 from metrics import HTTPMetrics, instrument
@@ -261,6 +263,21 @@ def test_a_silent_connection_past_the_cap_is_closed_at_the_header_deadline_unans
         assert data == b""
         assert deadline - 0.01 <= ended - began < deadline + MARGIN
         expect_metrics(r, [*closed(header_timeout=1), ("http_requests_refused_total", {}, 0)])
+
+
+def test_the_audit_adds_up_when_part_of_a_run_is_refused(start) -> None:
+    r = start(max_connections=4)
+    # Twelve connections against four slots: the other eight are refused,
+    # reconnect, and are refused again until a slot frees.
+    plan = traffic.Plan(traffic.Target.parse(f"http://{HOST}:{r.port}/hello"), concurrency=12, requests=600)
+    stats, result = audit.audited_run(plan)
+    assert stats.responses == 600
+    assert stats.failures == 0
+    assert stats.statuses[200] > 0
+    assert stats.statuses[503] > 0
+    assert result.exact and result.ok, audit.format_audit(result)
+    assert '/metrics: response_status_total{status="503"}' in {c.what for c in result.checks}
+    assert r.value("http_requests_refused_total") == stats.statuses[503]
 
 
 # --- drain --------------------------------------------------------------------
