@@ -148,7 +148,7 @@ lint: $(VENV)/.dev tools ## check style, every config file and the docs' links
 
 # --- benchmark ------------------------------------------------------------------
 
-bench: $(VENV)/.run bench-tools ## overhead, tutorial workload, scrape, loadgen vs hey (~2 min 20 s; build/bench.json)
+bench: $(VENV)/.run bench-tools ## overhead, tutorial workload, scrape, loadgen vs hey, impolite clients (~2 min 40 s; build/bench.json)
 	$(PY) tools/bench.py --json build/bench.json
 
 profile: $(VENV)/.bench bench-tools ## where the instrumented fast path spends the GIL (py-spy)
