@@ -460,8 +460,13 @@ class Generator:
 
         async def worker() -> None:
             conn: Connection | None = None
-            while self._more(time.monotonic() - self.stats.started, self.stats.sent):
-                conn = await self._one(None, conn)
+            try:
+                while self._more(time.monotonic() - self.stats.started, self.stats.sent):
+                    conn = await self._one(None, conn)
+            finally:
+                # Else the server keeps it (and a thread) until its idle timeout.
+                if conn is not None:
+                    conn.close()
 
         await asyncio.gather(*(worker() for _ in range(self.plan.concurrency)))
 
