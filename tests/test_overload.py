@@ -29,7 +29,16 @@ import traffic
 from connections import REASONS
 from hello_server import Config, HelloHandler
 from metrics import HTTPMetrics, instrument
-from test_server import HELLO_OK, Process, Running, expect_metrics, fetch, gated, split_response, wait_until
+from test_server import (
+    HELLO_OK,
+    Running,
+    expect_metrics,
+    fetch,
+    gated,
+    process,  # noqa: F401  (the fixture: python hello_server.py in a subprocess)
+    split_response,
+    wait_until,
+)
 
 HOST = "127.0.0.1"
 # How late a deadline's close may come on a busy shared machine.
@@ -308,7 +317,7 @@ def test_shutdown_closes_idle_connections_at_once_and_finishes_the_rest(start) -
     expect_metrics(r, [*closed(shutdown=1, normal=2), ("http_connections_open", {}, 0)])
 
 
-def test_sigterm_drains_idle_mid_read_and_in_flight_connections(process) -> None:
+def test_sigterm_drains_idle_mid_read_and_in_flight_connections(process) -> None:  # noqa: F811 (the fixture)
     # --seed 17: the first /hello delay is over 0.5 s of --max-delay 1.
     p = process("--max-delay", "1", "--failure-rate", "0", "--seed", "17", "--access-log", "off")
     idle = socket.create_connection((HOST, p.port), timeout=10)
@@ -344,19 +353,6 @@ def test_sigterm_drains_idle_mid_read_and_in_flight_connections(process) -> None
         sock.close()
     assert p.wait() == 0
     assert p.stderr[-1] == "hello_server: stopped\n"
-
-
-@pytest.fixture
-def process() -> Iterator[Callable[..., Process]]:
-    started: list[Process] = []
-
-    def _start(*args: str) -> Process:
-        started.append(Process(*args))
-        return started[-1]
-
-    yield _start
-    for p in started:
-        p.kill()
 
 
 # --- the request parser, fuzzed -----------------------------------------------
