@@ -18,7 +18,8 @@ mixin) bound each of those:
   never speak cost a socket, not a thread (about 30 KB each).
 - admission cap: at most ``max_connections`` connections hold a thread. Past
   it, the lobby reads a connection's request line and answers ``503`` with
-  ``Retry-After`` and ``Connection: close``: fast, and no thread for it.
+  ``Retry-After`` and ``Connection: close``: fast, and no thread for it. A
+  scrape (``/metrics``) is still served, by a few threads beyond the cap.
 - drain: on shutdown, connections waiting for a request (in the lobby or
   kept alive) are closed at once; requests being read or handled finish, and
   say ``Connection: close``.
@@ -47,6 +48,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -64,6 +66,10 @@ REASONS = (NORMAL, HEADER_TIMEOUT, IDLE_TIMEOUT, REFUSED, SHUTDOWN)
 #: Seconds a refused client is told to wait (Retry-After).
 RETRY_AFTER = 1
 REFUSAL = b"Service Unavailable: too many connections, retry later\n"
+#: Threads past the cap for scrapes (GuardedServer.scrape_paths): when the
+#: server sheds load, Prometheus must still see it. A bound, so that a flood of
+#: scrape requests cannot take the server past its memory budget.
+SCRAPE_THREADS = 8
 #: The longest request line a refused connection may send before it is answered anyway.
 MAX_REFUSED_LINE = 8192
 #: After its 503, a refused connection's further bytes are read and dropped for
@@ -91,10 +97,10 @@ class ConnectionMetrics:
         with self._lock:
             self._accepted += 1
 
-    def take_thread(self) -> bool:
-        """True if a connection may have a thread (and counts it); False past the cap."""
+    def take_thread(self, beyond: int = 0) -> bool:
+        """True if a connection may have a thread (and counts it); False past the cap (plus beyond)."""
         with self._lock:
-            if self._served >= self.limit:
+            if self._served >= self.limit + beyond:
                 return False
             self._served += 1
             return True
@@ -273,6 +279,9 @@ class GuardedServer(ThreadingHTTPServer):
     first byte arrives, so connections that never speak cost no thread. Then
     it gets a thread if fewer than max_connections have one, else a 503.
 
+    Requests for ``scrape_paths`` are served past the cap too, up to
+    SCRAPE_THREADS of them at once: shedding must not blind the monitoring.
+
     Its handler class must include ``GuardedHandler``. If the handler class
     has a ``metrics`` attribute (``metrics.instrument`` sets one), refused
     requests are recorded there as 503 responses too.
@@ -287,9 +296,11 @@ class GuardedServer(ThreadingHTTPServer):
         header_timeout: float,
         idle_timeout: float,
         max_connections: int,
+        scrape_paths: Iterable[str] = ("/metrics",),
     ) -> None:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.scrape_paths = frozenset(scrape_paths)
         self.connections = ConnectionMetrics(registry, max_connections)
         # Set when shutdown begins; responses then say Connection: close.
         self.stopping = False
@@ -307,9 +318,9 @@ class GuardedServer(ThreadingHTTPServer):
             self._lobby = _Lobby(self)
         self._lobby.enter(request, client_address)
 
-    def give_thread(self, request: Any, client_address: Any, accepted_at: float) -> bool:
-        """Serve a connection whose first bytes have arrived in a thread; False past the cap."""
-        if not self.connections.take_thread():
+    def give_thread(self, request: Any, client_address: Any, accepted_at: float, beyond: int = 0) -> bool:
+        """Serve a connection whose first bytes have arrived in a thread; False past the cap (plus beyond)."""
+        if not self.connections.take_thread(beyond):
             return False
         request.setblocking(True)
         self.accepted_at[request] = accepted_at
@@ -467,6 +478,10 @@ class _Lobby:
             self._forget(parked)
             if self._server.give_thread(parked.sock, parked.address, parked.accepted_at):
                 return
+            if self._is_scrape(parked) and self._server.give_thread(
+                parked.sock, parked.address, parked.accepted_at, beyond=SCRAPE_THREADS
+            ):
+                return
             self._remember(parked)
         try:
             data = parked.sock.recv(65536)
@@ -480,6 +495,18 @@ class _Lobby:
             parked.head += data
             if b"\n" in parked.head or len(parked.head) >= MAX_REFUSED_LINE:
                 self._answer(parked)
+
+    def _is_scrape(self, parked: _Parked) -> bool:
+        """Whether the request line that has arrived asks for one of the server's scrape paths.
+
+        Peeked, not read: the thread that serves it reads the request whole.
+        """
+        try:
+            line = parked.sock.recv(MAX_REFUSED_LINE, socket.MSG_PEEK).partition(b"\n")[0]
+        except OSError:
+            return False
+        words = line.split()
+        return len(words) >= 2 and words[1].partition(b"?")[0].decode("latin-1") in self._server.scrape_paths
 
     def _answer(self, parked: _Parked) -> None:
         started = time.perf_counter()

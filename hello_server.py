@@ -86,6 +86,7 @@ class HelloServer(GuardedServer):
             header_timeout=config.header_timeout,
             idle_timeout=config.idle_timeout,
             max_connections=config.max_connections,
+            scrape_paths=(METRICS,),
         )
 
     def handle_error(self, request: object, client_address: object) -> None:
