@@ -13,6 +13,8 @@ mixin) bound each of those:
   for the time left, so a client trickling a byte a second cannot extend it.
 - idle timeout: a keep-alive connection waits at most ``idle_timeout`` seconds
   for the next request's first byte.
+- write timeout: a response's send that makes no progress for
+  ``write_timeout`` seconds (the client reads nothing) ends the connection.
 - a lobby: a new connection waits for its first byte in one thread's
   selector, as in cheroot and gunicorn's gthread worker, so connections that
   never speak cost a socket, not a thread (about 30 KB each).
@@ -61,7 +63,8 @@ HEADER_TIMEOUT = "header_timeout"  # no complete request line and headers in tim
 IDLE_TIMEOUT = "idle_timeout"  # keep-alive, no next request in time
 REFUSED = "refused"  # past the cap: answered 503, then closed
 SHUTDOWN = "shutdown"  # waiting for a request when the server stopped
-REASONS = (NORMAL, HEADER_TIMEOUT, IDLE_TIMEOUT, REFUSED, SHUTDOWN)
+WRITE_TIMEOUT = "write_timeout"  # the client read nothing of a response for write_timeout
+REASONS = (NORMAL, HEADER_TIMEOUT, IDLE_TIMEOUT, WRITE_TIMEOUT, REFUSED, SHUTDOWN)
 
 #: Seconds a refused client is told to wait (Retry-After).
 RETRY_AFTER = 1
@@ -140,7 +143,7 @@ class ConnectionMetrics:
     def _families(self, accepted: int, closed: dict[str, int], refused: int) -> list[Metric]:
         closed_family = CounterMetricFamily(
             "http_connections_closed",
-            "TCP connections closed, by reason: normal, header_timeout, idle_timeout, refused, shutdown.",
+            "TCP connections closed, by reason: " + ", ".join(REASONS) + ".",
             labels=["reason"],
         )
         for reason, n in closed.items():
@@ -207,6 +210,31 @@ class _DeadlineReader(io.RawIOBase):
             raise TimeoutError(self.reason) from None
 
 
+class _TimedWriter(io.RawIOBase):
+    """A socket's output where a send that makes no progress for the write timeout fails.
+
+    SO_SNDTIMEO, set once per connection: the kernel returns from a blocked
+    send after that long, so a client that stops reading its responses (and
+    pipelines requests until the buffers fill) cannot hold a thread forever.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float, reader: _DeadlineReader) -> None:
+        self._sock = sock
+        self._reader = reader  # where the connection's end reason is kept
+        whole = int(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(whole, int((timeout - whole) * 1e6) or 1))
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:  # SO_SNDTIMEO ran out with nothing sent
+            self._reader.expired = WRITE_TIMEOUT
+            raise TimeoutError(WRITE_TIMEOUT) from None
+
+
 class GuardedHandler(BaseHTTPRequestHandler):
     """A handler mixin: the connection's reads obey its header and idle deadlines.
 
@@ -220,9 +248,13 @@ class GuardedHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.rfile.close()  # the buffered socket file the standard library made; ours replaces it
+        # The buffered socket files the standard library made; ours replace them.
+        self.rfile.close()
+        self.wfile.close()
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader)
+        writer = _TimedWriter(self.connection, self.server.write_timeout, self._reader)
+        self.wfile = io.BufferedWriter(writer, self.wbufsize or io.DEFAULT_BUFFER_SIZE)
         # True while waiting for a request's first byte: a drain may close it then.
         self.waiting = False
         self.server.handler_started(self)
@@ -295,11 +327,13 @@ class GuardedServer(ThreadingHTTPServer):
         *,
         header_timeout: float,
         idle_timeout: float,
+        write_timeout: float,
         max_connections: int,
         scrape_paths: Iterable[str] = ("/metrics",),
     ) -> None:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
         self.scrape_paths = frozenset(scrape_paths)
         self.connections = ConnectionMetrics(registry, max_connections)
         # Set when shutdown begins; responses then say Connection: close.

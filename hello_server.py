@@ -53,6 +53,7 @@ class Config:
     grace_period: float = 10.0
     header_timeout: float = 10.0
     idle_timeout: float = 75.0
+    write_timeout: float = 30.0
     max_connections: int = 4096
 
 
@@ -85,6 +86,7 @@ class HelloServer(GuardedServer):
             registry,
             header_timeout=config.header_timeout,
             idle_timeout=config.idle_timeout,
+            write_timeout=config.write_timeout,
             max_connections=config.max_connections,
             scrape_paths=(METRICS,),
         )
@@ -371,6 +373,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         _timeout,
         d.idle_timeout,
         "seconds a keep-alive connection may wait for its next request; set above a load balancer's idle timeout",
+    )
+    option(
+        "--write-timeout",
+        _timeout,
+        d.write_timeout,
+        "seconds a response may wait for a client that reads nothing before the connection is closed",
     )
     option(
         "--max-connections",

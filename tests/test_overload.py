@@ -192,6 +192,26 @@ def test_an_idle_keep_alive_connection_is_closed_at_the_idle_timeout(start) -> N
     )
 
 
+def test_a_client_that_reads_nothing_is_closed_at_the_write_timeout(start) -> None:
+    r = start(write_timeout=0.5, idle_timeout=60)
+    sock = socket.socket()
+    # A small receive window: the server's writes block soon.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((HOST, r.port))
+    with sock:
+        # Pipelined requests, their responses never read, until the server gives up.
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 100
+        with contextlib.suppress(OSError):
+            for _ in range(200):
+                sock.sendall(request)
+                if r.value("http_connections_closed_total", reason="write_timeout"):
+                    break
+        expect_metrics(r, [*closed(write_timeout=1), ("http_connections_open", {}, 0)])
+    # The server carries on.
+    assert r.get("/hello").status == 200
+
+
 # --- the connection cap -------------------------------------------------------
 
 
@@ -492,7 +512,14 @@ def test_fuzzed_requests_never_kill_the_server_and_each_response_is_counted_once
 
 def test_connection_settings_defaults_and_environment() -> None:
     config = hello_server.parse_args([], environ={})
-    assert (config.header_timeout, config.idle_timeout, config.max_connections) == (10.0, 75.0, 4096)
+    assert (config.header_timeout, config.idle_timeout, config.write_timeout, config.max_connections) == (
+        10.0,
+        75.0,
+        30.0,
+        4096,
+    )
+    assert hello_server.parse_args(["--write-timeout", "2.5"], environ={}).write_timeout == 2.5
+    assert hello_server.parse_args([], environ={"HELLO_WRITE_TIMEOUT": "5"}).write_timeout == 5.0
     env = {"HELLO_HEADER_TIMEOUT": "2.5", "HELLO_IDLE_TIMEOUT": "620", "HELLO_MAX_CONNECTIONS": "100"}
     config = hello_server.parse_args([], environ=env)
     assert (config.header_timeout, config.idle_timeout, config.max_connections) == (2.5, 620.0, 100)
@@ -507,6 +534,7 @@ def test_connection_settings_defaults_and_environment() -> None:
         (["--header-timeout", "nan"], {}, "--header-timeout"),
         (["--idle-timeout", "-1"], {}, "--idle-timeout"),
         (["--idle-timeout", "inf"], {}, "--idle-timeout"),
+        (["--write-timeout", "0"], {}, "--write-timeout"),
         (["--max-connections", "0"], {}, "--max-connections"),
         (["--max-connections", "1.5"], {}, "--max-connections"),
         ([], {"HELLO_MAX_CONNECTIONS": "lots"}, "HELLO_MAX_CONNECTIONS"),
