@@ -99,6 +99,14 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
+def hold(r: Running) -> socket.socket:
+    """A keep-alive connection that has been served, and so holds a slot."""
+    sock = connect(r)
+    sock.sendall(REQUEST)
+    assert read_response(sock)[0] == 200
+    return sock
+
+
 # --- deadlines ----------------------------------------------------------------
 
 
@@ -219,10 +227,7 @@ def test_a_client_that_reads_nothing_is_closed_at_the_write_timeout(start) -> No
 def test_a_flood_past_the_cap_gets_503s_each_counted_once(start) -> None:
     cap, flood = 5, 60
     r = start(max_connections=cap, idle_timeout=60)
-    held = [connect(r) for _ in range(cap)]
-    for s in held:
-        s.sendall(REQUEST)
-        assert read_response(s)[0] == 200
+    held = [hold(r) for _ in range(cap)]
     expect_metrics(r, [("http_connections_open", {}, cap)])
 
     def refused(path: str) -> tuple[int, dict[str, str], bytes]:
@@ -267,9 +272,7 @@ def test_a_flood_past_the_cap_gets_503s_each_counted_once(start) -> None:
 
 def test_scrapes_are_served_past_the_cap(start) -> None:
     r = start(max_connections=1, idle_timeout=60)
-    with connect(r) as holder, connect(r) as refused:
-        holder.sendall(REQUEST)
-        assert read_response(holder)[0] == 200
+    with hold(r), connect(r) as refused:
         refused.sendall(REQUEST)
         assert read_response(refused)[0] == 503
         # Prometheus sees the server shedding: its scrapes get a thread beyond the cap.
@@ -285,9 +288,7 @@ def test_scrapes_are_served_past_the_cap(start) -> None:
 
 def test_head_past_the_cap_gets_no_body(start) -> None:
     r = start(max_connections=1, idle_timeout=60)
-    with connect(r) as holder, connect(r) as sock:
-        holder.sendall(REQUEST)
-        assert read_response(holder)[0] == 200
+    with hold(r), connect(r) as sock:
         sock.sendall(b"HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         data = b""
         while chunk := sock.recv(65536):
@@ -300,9 +301,7 @@ def test_head_past_the_cap_gets_no_body(start) -> None:
 def test_a_silent_connection_past_the_cap_is_closed_at_the_header_deadline_unanswered(start) -> None:
     deadline = 0.5
     r = start(max_connections=1, header_timeout=deadline, idle_timeout=60)
-    with connect(r) as holder:
-        holder.sendall(REQUEST)
-        assert read_response(holder)[0] == 200
+    with hold(r):
         began = time.monotonic()
         with connect(r) as sock:
             data = sock.recv(65536)  # nothing, then end of file
