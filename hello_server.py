@@ -241,7 +241,9 @@ class HelloHandler(GuardedHandler, MetricsHandler):
             f"ts={time.strftime('%Y-%m-%dT%H:%M:%S%z')} client={self.client_address[0]} "
             f"method={self.command or '-'} path={json.dumps(path) if path else '-'} "
             f"status={int(code) if str(code).isdigit() else code} "
-            f"duration={time.perf_counter() - self._received:.6f}\n"
+            f"duration={time.perf_counter() - self._received:.6f} "
+            # Set by metrics.instrument: a validated or generated id, never the header as sent.
+            f"trace_id={getattr(self, 'trace_id', None) or '-'}\n"
         )
 
     def log_error(self, format: str, *args: object) -> None:

@@ -9,6 +9,12 @@ in. ``instrument(handler_class, metrics)`` returns a subclass of your
 - ``http_response_time_seconds{path}``     latency (a histogram)
 - ``http_requests_in_flight``              saturation
 
+Every request gets an id: the trace id of a valid incoming W3C ``traceparent``
+header, else a new random one. The handler has it as ``self.trace_id`` (for
+your access log), sends it back in an ``X-Request-Id`` header, and the latency
+histogram keeps, per bucket, the id, duration and time of the latest request
+that landed there: an exemplar, exposed in the OpenMetrics format only.
+
 The status comes from ``send_response``, which the standard library also calls
 for its own errors (400, 414, 501 via ``send_error``), so those are counted
 too. Timing starts when the request line has been read, not when the
@@ -30,6 +36,9 @@ shared number is updated outside the lock, and set.add/discard are atomic.
 
 from __future__ import annotations
 
+import os
+import random
+import re
 import threading
 import time
 from bisect import bisect_left
@@ -39,6 +48,7 @@ from http.server import BaseHTTPRequestHandler
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 #: The path label of every request to a path the server has no route for:
@@ -49,17 +59,60 @@ OTHER_STATUS = "other"
 #: The histogram's upper bounds: prometheus_client's defaults, 5 ms to 10 s, and +Inf.
 BUCKETS = tuple(Histogram.DEFAULT_BUCKETS)
 
+#: The exemplar label that carries a request's id; Grafana links ``trace_id`` by default.
+TRACE_ID = "trace_id"
+#: The response header that tells the client its request's id.
+REQUEST_ID_HEADER = "X-Request-Id"
+
 _KNOWN_STATUSES = frozenset(int(s) for s in HTTPStatus)
+
+# W3C Trace Context: version (ff is invalid), trace id and parent id (neither
+# all zeros), flags; lower-case hex only. The length is checked separately.
+_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_V00_LENGTH = 55
+
+
+def parse_traceparent(value: str) -> str | None:
+    """The trace id of a valid W3C ``traceparent`` header value, else None.
+
+    Version 00 is exactly 55 characters. A later version may append fields,
+    so it is read as version 00 when the 55 characters are followed by the
+    end or a dash, as the specification asks.
+    """
+    value = value.strip(" \t")
+    match = _TRACEPARENT.match(value)
+    if match is None:
+        return None
+    if len(value) != _V00_LENGTH and (value.startswith("00") or value[_V00_LENGTH] != "-"):
+        return None
+    return match.group(1)
+
+
+# Request ids need to be unique, not secret. os.urandom(16).hex() took 1.6 µs
+# here (a system call) against 0.66 µs for this, measured with timeit.
+# callgrind counts the other way round (1,400 instructions against 2,260) as it
+# does not see the kernel. Not the `random` module's generator: a program
+# that seeds it would repeat its ids.
+_ids = random.Random()
+# A forked child would otherwise hand out its parent's ids.
+os.register_at_fork(after_in_child=_ids.seed)
+
+
+def new_trace_id() -> str:
+    """A random 128-bit id in the form of a W3C trace id (32 lower-case hex digits)."""
+    return _ids.getrandbits(128).to_bytes(16).hex()
 
 
 class _Series:
     """One path's latency histogram; its count is also the path's request count."""
 
-    __slots__ = ("buckets", "sum")
+    __slots__ = ("buckets", "exemplars", "sum")
 
     def __init__(self) -> None:
         self.buckets = [0] * len(BUCKETS)  # per bucket, not cumulative: one increment per response
         self.sum = 0.0
+        # Per bucket, (trace id, seconds, Unix time) of the latest request in it.
+        self.exemplars: list[tuple[str, float, float] | None] = [None] * len(BUCKETS)
 
 
 class HTTPMetrics:
@@ -111,28 +164,35 @@ class HTTPMetrics:
             self._active.add(request)
         return label
 
-    def finish(self, request: object, path_label: str, status: int | None, seconds: float) -> None:
+    def finish(
+        self, request: object, path_label: str, status: int | None, seconds: float, trace_id: str | None = None
+    ) -> None:
         """A request has ended: record its response, if it sent one, and take it out of flight.
 
         request is what start() was given, or None for one start() did not
         count. The response is counted before the request leaves the
         in-flight count, so a scrape that reads in-flight 0 after a client's
         last response also sees that response counted (loadgen's audit relies on it).
+        trace_id, if given, becomes its bucket's exemplar: callers pass only
+        ids that are safe to expose (parse_traceparent's or new_trace_id's).
         """
         if status is not None:
             series = self._series[path_label]
             # The first bound >= seconds, as prometheus_client's Histogram.observe picks it.
             bucket = bisect_left(BUCKETS, seconds)
             status_label = self._status_labels.get(status) or self._new_status_label(status)
+            exemplar = None if trace_id is None else (trace_id, seconds, time.time())
             with self._lock:
                 series.buckets[bucket] += 1
                 series.sum += seconds
+                if exemplar is not None:
+                    series.exemplars[bucket] = exemplar
                 self._statuses[status_label] += 1
         self._active.discard(request)
 
-    def observe(self, path_label: str, status: int, seconds: float) -> None:
+    def observe(self, path_label: str, status: int, seconds: float, trace_id: str | None = None) -> None:
         """Record one response that was sent."""
-        self.finish(None, path_label, status, seconds)
+        self.finish(None, path_label, status, seconds, trace_id)
 
     def _new_status_label(self, status: int) -> str:
         code = int(status)  # send_error passes HTTPStatus members, whose str() varies by Python version
@@ -154,23 +214,35 @@ class HTTPMetrics:
         # In-flight first: a request that has left it is already counted.
         in_flight = len(self._active)
         with self._lock:
-            series = {label: (list(s.buckets), s.sum) for label, s in self._series.items()}
+            series = {label: (list(s.buckets), s.sum, list(s.exemplars)) for label, s in self._series.items()}
             statuses = dict(self._statuses)
         return self._families(series, statuses, in_flight)
 
     @staticmethod
-    def _families(series: dict[str, tuple[list[int], float]], statuses: dict[str, int], in_flight: int) -> list[Metric]:
+    def _families(
+        series: dict[str, tuple[list[int], float, list[tuple[str, float, float] | None]]],
+        statuses: dict[str, int],
+        in_flight: int,
+    ) -> list[Metric]:
         requests = CounterMetricFamily("http_requests_total", "HTTP requests answered, by route.", labels=["path"])
         latency = HistogramMetricFamily(
             "http_response_time_seconds",
             "Time from reading the request line to the end of the response, by route.",
             labels=["path"],
         )
-        for label, (counts, total) in series.items():
-            cumulative, running = [], 0
-            for bound, n in zip(BUCKETS, counts, strict=True):
+        for label, (counts, total, exemplars) in series.items():
+            cumulative: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+            running = 0
+            for bound, n, exemplar in zip(BUCKETS, counts, exemplars, strict=True):
                 running += n
-                cumulative.append((floatToGoString(bound), float(running)))
+                if exemplar is None:
+                    cumulative.append((floatToGoString(bound), float(running)))
+                else:
+                    # Only the OpenMetrics exposition writes it; plain text drops it.
+                    trace_id, seconds, timestamp = exemplar
+                    cumulative.append(
+                        (floatToGoString(bound), float(running), Exemplar({TRACE_ID: trace_id}, seconds, timestamp))
+                    )
             requests.add_metric([label], float(running))
             latency.add_metric([label], cumulative, total)
         responses = CounterMetricFamily("response_status", "HTTP responses sent, by status code.", labels=["status"])
@@ -191,6 +263,11 @@ class InstrumentedHandler(BaseHTTPRequestHandler):
     ``handle_one_request`` returns. A request that sends no response at all
     (the client hung up, or the handler raised and your server dropped the
     connection) is not recorded: no client saw a status.
+
+    Every response carries an ``X-Request-Id`` header with the request's id,
+    ``self.trace_id``, which is also its latency bucket's exemplar: the trace
+    id of a valid ``traceparent`` header, else a new one. An invalid header is
+    ignored, so ``self.trace_id`` is always 32 hex digits, safe to log.
     """
 
     metrics: HTTPMetrics
@@ -208,6 +285,8 @@ class InstrumentedHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._started: float | None = None
+        #: This request's id, once it has one: from its traceparent header, or new.
+        self.trace_id: str | None = None
         # Once the request has started: its path label, and it is in flight
         # until finish(); None for a route that is not observed.
         self._path_label: str | None = None
@@ -216,7 +295,9 @@ class InstrumentedHandler(BaseHTTPRequestHandler):
             self._handle_one_request()
         finally:
             if self._path_label is not None:
-                self.metrics.finish(self, self._path_label, self._status, time.perf_counter() - self._started)
+                self.metrics.finish(
+                    self, self._path_label, self._status, time.perf_counter() - self._started, self.trace_id
+                )
 
     def parse_request(self) -> bool:
         self._started = time.perf_counter()
@@ -225,6 +306,11 @@ class InstrumentedHandler(BaseHTTPRequestHandler):
         self.path = None  # type: ignore[assignment]
         ok = self._parse_request()
         self._path_label = self.metrics.start(self.path, self)
+        if ok:
+            incoming = self.headers.get_all("traceparent")
+            # Two traceparent headers contradict each other: W3C says start afresh.
+            if incoming is not None and len(incoming) == 1:
+                self.trace_id = parse_traceparent(incoming[0])
         return ok
 
     def send_response(self, code: int, message: str | None = None) -> None:
@@ -234,7 +320,10 @@ class InstrumentedHandler(BaseHTTPRequestHandler):
             # before parse_request runs.
             self._started = time.perf_counter()
             self._path_label = self.metrics.start(None, self)
+        if self.trace_id is None:
+            self.trace_id = new_trace_id()
         self._send_response(code, message)
+        self.send_header(REQUEST_ID_HEADER, self.trace_id)
 
 
 def instrument(handler_class: type[BaseHTTPRequestHandler], metrics: HTTPMetrics) -> type[BaseHTTPRequestHandler]:

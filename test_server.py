@@ -1065,12 +1065,13 @@ def test_access_log_one_logfmt_line_per_request(start: StartServer, capfd) -> No
     assert len(out) == len(expected), out
     for line, (method, path, status) in zip(out, expected, strict=True):
         fields = parse_logfmt(line)
-        assert list(fields) == ["ts", "client", "method", "path", "status", "duration"]
+        assert list(fields) == ["ts", "client", "method", "path", "status", "duration", "trace_id"]
         assert fields["client"] == HOST
         assert fields["method"] == method, line
         assert (fields["path"] == "-") if path is None else (json.loads(fields["path"]) == path), line
         assert fields["status"] == status, line
         assert float(fields["duration"]) >= 0
+        assert re.fullmatch("[0-9a-f]{32}", fields["trace_id"]), line
 
 
 def test_access_log_off_is_silent(server: Running, capfd) -> None:
