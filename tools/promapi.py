@@ -79,3 +79,8 @@ def query(url: str, expr: str, at: float | None = None, timeout: float = 10.0) -
 def query_range(url: str, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
     """A range query; one {metric, values} entry per series."""
     return api(url, "query_range", {"query": expr, "start": start, "end": end, "step": step})["result"]
+
+
+def query_exemplars(url: str, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+    """The exemplars of the series expr selects in [start, end]: one {seriesLabels, exemplars} entry per series."""
+    return api(url, "query_exemplars", {"query": expr, "start": start, "end": end})

@@ -201,6 +201,8 @@ def native_stack(
                         f"--config.file={config}",
                         f"--storage.tsdb.path={work / 'data'}",
                         f"--web.listen-address={host}:{prom_port}",
+                        # As in docker-compose.yml: keep the latency histogram's exemplars.
+                        "--enable-feature=exemplar-storage",
                         "--log.level=warn",
                     ],
                     stdout=out,
