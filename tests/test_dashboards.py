@@ -6,8 +6,10 @@ import copy
 import json
 
 import pytest
+import yaml
 
 import check_dashboards as cd
+import metrics
 
 DASHBOARD = json.loads((cd.DASHBOARDS / "hello.json").read_text())
 UIDS = cd.provisioned_datasource_uids()
@@ -66,3 +68,21 @@ def test_a_broken_dashboard_is_caught():
     assert "'nope'" in found
     assert "unknown Grafana variable" in found
     assert "used twice" in found
+
+
+def test_the_latency_panels_draw_exemplars_that_link_by_trace_id():
+    latency = [
+        p
+        for p in cd.panels(DASHBOARD)
+        if any("http_response_time_seconds_bucket" in t.get("expr", "") for t in p.get("targets", []))
+        and p["type"] in ("timeseries", "heatmap")
+    ]
+    assert len(latency) == 2
+    for panel in latency:
+        # One query per panel: the quantiles all read the same buckets, hence the same exemplars.
+        assert sum(bool(t.get("exemplar")) for t in panel["targets"]) == 1, panel["title"]
+    [source] = [s for path in cd.DATASOURCES.glob("*.yml") for s in yaml.safe_load(path.read_text())["datasources"]]
+    [destination] = source["jsonData"]["exemplarTraceIdDestinations"]
+    assert destination["name"] == metrics.TRACE_ID
+    # Grafana's provisioning expands ${...} from the environment; $$ escapes it.
+    assert destination["url"].endswith("/$${__value.raw}")
