@@ -12,6 +12,7 @@ to the access log.
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import socket
 import subprocess
@@ -93,6 +94,22 @@ def test_new_ids_are_distinct_and_shaped_like_trace_ids():
     ids = {new_trace_id() for _ in range(10000)}
     assert len(ids) == 10000
     assert all(ID.fullmatch(i) for i in ids)
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids():
+    # Pre-forking servers fork after import: without a reseed the child's
+    # first id would be the parent's next one.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, new_trace_id().encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    assert ID.fullmatch(child)
+    assert child != new_trace_id()
 
 
 # --- the collector: exact exemplars --------------------------------------------
