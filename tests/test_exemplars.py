@@ -427,13 +427,16 @@ def test_prometheus_stores_exemplars_whose_ids_are_in_the_access_log():
         received: set[str] = set()
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
         try:
-            for _ in range(40):  # ~4 s of requests at 0-200 ms each
-                conn.request("GET", "/hello")
+            # ~4 s of requests at 0-200 ms each; the last one is the latest in
+            # its bucket, so the caller's trace id must reach Prometheus.
+            for headers in [{}] * 40 + [{"traceparent": VALID}]:
+                conn.request("GET", "/hello", headers=headers)
                 response = conn.getresponse()
                 response.read()
                 received.add(response.getheader(REQUEST_ID_HEADER))
         finally:
             conn.close()
+        assert TRACE in received and len(received) == 41
 
         expr = f'{HISTOGRAM}_bucket{{job="hello", path="/hello"}}'
         # A scrape stores samples and exemplars together: once one has seen
@@ -452,6 +455,7 @@ def test_prometheus_stores_exemplars_whose_ids_are_in_the_access_log():
     assert {float(entry["seriesLabels"]["le"]) for entry in series} == landed
 
     logged = {logfmt(line)["trace_id"] for line in log.splitlines() if line.startswith("ts=")}
+    assert TRACE in {e["labels"]["trace_id"] for entry in series for e in entry["exemplars"]}
     seen = 0
     for entry in series:
         lower, upper = bucket_bounds(entry["seriesLabels"]["le"])
