@@ -102,7 +102,7 @@ os.register_at_fork(after_in_child=_ids.seed)
 
 def new_trace_id() -> str:
     """A random 128-bit id in the form of a W3C trace id (32 lower-case hex digits)."""
-    return _ids.getrandbits(128).to_bytes(16).hex()
+    return _ids.getrandbits(128).to_bytes(16, "big").hex()
 
 
 class _Series:
