@@ -12,6 +12,7 @@ to the access log.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import socket
@@ -30,6 +31,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from prometheus_client.samples import Exemplar
 
+import check_dashboards
 import promapi
 import stack
 from conftest import require_tool
@@ -416,6 +418,14 @@ def test_the_stdlibs_own_errors_get_an_id_too(app):
 
 # --- end to end: Prometheus stores them, the log has them --------------------------
 
+DASHBOARD = json.loads((check_dashboards.DASHBOARDS / "hello.json").read_text())
+EXEMPLAR_QUERIES = [
+    (f"panel {panel['title']!r} query {target['refId']}", check_dashboards.promql(target["expr"]))
+    for panel in check_dashboards.panels(DASHBOARD)
+    for target in panel.get("targets", [])
+    if target.get("exemplar")
+]
+
 
 def test_prometheus_stores_exemplars_whose_ids_are_in_the_access_log():
     require_tool("prometheus")
@@ -448,6 +458,13 @@ def test_prometheus_stores_exemplars_whose_ids_are_in_the_access_log():
         )
         buckets = promapi.query(live.prometheus_url, expr)
         series = promapi.query_exemplars(live.prometheus_url, expr, start - 1, time.time() + 1)
+        # Grafana asks for a panel's exemplars with the query itself: each one that
+        # draws them must find these.
+        assert len(EXEMPLAR_QUERIES) == 2
+        for where, query in EXEMPLAR_QUERIES:
+            found = promapi.query_exemplars(live.prometheus_url, query, start - 1, time.time() + 1)
+            assert {e["labels"]["trace_id"] for entry in found for e in entry["exemplars"]} <= received, where
+            assert found, f"{where}: no exemplars for {query}"
         log = (live.workdir / "app.log").read_text()
 
     cumulative = sorted((float(b["metric"]["le"]), float(b["value"][1])) for b in buckets)
