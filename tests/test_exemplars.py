@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -240,11 +241,12 @@ class App:
         return len(self.log)
 
 
-@pytest.fixture
-def app(capfd) -> Iterator[App]:
+@contextmanager
+def serving(capfd: pytest.CaptureFixture[str], **overrides: object) -> Iterator[App]:
+    """A hello server with the access log on, serving in a thread until the block ends."""
     # Delays up to 0.2 s spread requests over the buckets from 5 ms to 250 ms.
-    config = Config(host=HOST, port=0, max_delay=0.2, failure_rate=0.2, access_log=True)
-    server = make_server(config, CollectorRegistry())
+    settings: dict = {"host": HOST, "port": 0, "max_delay": 0.2, "failure_rate": 0.2, "access_log": True}
+    server = make_server(Config(**(settings | overrides)), CollectorRegistry())
     thread = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     thread.start()
     try:
@@ -253,6 +255,12 @@ def app(capfd) -> Iterator[App]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def app(capfd) -> Iterator[App]:
+    with serving(capfd) as running:
+        yield running
 
 
 def logfmt(line: str) -> dict[str, str]:
@@ -414,6 +422,32 @@ def test_the_stdlibs_own_errors_get_an_id_too(app):
     assert [line["status"] for line in lines] == [*requests, "400"]
     assert [line["trace_id"] for line in lines[:-1]] == ids
     assert ID.fullmatch(lines[-1]["trace_id"])
+
+
+def test_a_503_at_the_connection_limit_has_no_id_and_replaces_no_exemplar(capfd):
+    # The lobby answers it before any handler runs: no id, no log line, so it
+    # must not take the exemplar of its bucket from a request that has both.
+    with serving(capfd, max_delay=0.0, failure_rate=0.0, max_connections=1, idle_timeout=60) as app:
+        with socket.create_connection((HOST, app.port), timeout=10) as held:
+            held.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = b""
+            while b"Hello!" not in head:
+                head += held.recv(65536)
+            [served] = re.findall(rb"X-Request-Id: (\S+)\r\n", head)
+            refused = app.raw(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert refused.startswith(b"HTTP/1.1 503 ") and b"X-Request-Id" not in refused
+            app.wait_counted(2)
+            text = app.scrape(OPENMETRICS)
+        buckets = [s for f in parse_openmetrics(text) if f.name == HISTOGRAM for s in f.samples]
+        hello = {s.labels["le"]: s for s in buckets if s.labels.get("path") == "/hello" and "le" in s.labels}
+        # Both counted; one exemplar, the served request's, whichever buckets they fell in.
+        assert hello["+Inf"].value == 2
+        assert [s.exemplar.labels for s in hello.values() if s.exemplar] == [{"trace_id": served.decode()}]
+        lines = [logfmt(line) for line in app.log_lines(2)]
+        assert [(line["path"], line["trace_id"]) for line in lines] == [
+            ('"/hello"', served.decode()),
+            ('"/metrics"', lines[1]["trace_id"]),
+        ]
 
 
 # --- end to end: Prometheus stores them, the log has them --------------------------
