@@ -16,6 +16,7 @@ which it does only after recording the request.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import gzip
 import http.client
 import json
@@ -698,6 +699,27 @@ def test_two_requests_on_one_keep_alive_connection(server: Running) -> None:
         assert (reply.status, reply.body) == (200, HELLO_OK)
         assert reply.headers.get("Connection") is None
     assert_hello_counts(server, ok=2)  # includes http_requests_in_flight back to 0
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"GET /hello world HTTP/1.1\r\nHost: x\r\n\r\n"],
+    ids=["200", "400-from-the-stdlib"],
+)
+def test_server_and_date_headers_are_sent_once_and_follow_the_clock(server: Running, request_bytes) -> None:
+    """HelloHandler makes the Server and Date lines once a second: they must still be right."""
+    version = f"{HelloHandler.server_version} {HelloHandler.sys_version}"
+    # A line cached in an earlier second is never sent again.
+    server.server.fixed_headers = (1, b"Server: stale\r\nDate: Thu, 01 Jan 1970 00:00:01 GMT\r\n")
+    for _ in range(2):  # the second response may take the line the first one cached
+        before = int(time.time())
+        raw = raw_exchange(server.port, request_bytes)
+        after = time.time()
+        # Right after the status line, as the stdlib's send_response sends them.
+        assert [line.split(b":")[0] for line in raw.split(b"\r\n")[1:3]] == [b"Server", b"Date"]
+        _, headers, _ = split_response(raw)  # fails on a header sent twice
+        assert headers["server"] == version
+        assert before <= email.utils.parsedate_to_datetime(headers["date"]).timestamp() <= after
 
 
 # --- clients that hang up -----------------------------------------------------
