@@ -220,9 +220,11 @@ class HelloHandler(GuardedHandler, MetricsHandler):
 
     def send_response(self, code: int, message: str | None = None) -> None:
         # The stdlib's send_response, with its Server and Date lines made once
-        # a second rather than per response: it formats the date through
+        # a second rather than per response. It formats the date through
         # email.utils (23,700 CPU instructions, 11% of a /hello request, by
-        # callgrind) and sends each line through send_header (~2,500 each).
+        # callgrind) and sends each line through send_header; one cached
+        # piece instead of the two calls saves another 8,100 (instrumented)
+        # to 8,700 (uninstrumented), 4-5% of a request.
         self.log_request(code)
         self.send_response_only(code, message)
         if self.request_version != "HTTP/0.9":  # HTTP/0.9 responses have no headers

@@ -23,17 +23,18 @@ connection starts waiting for it: an idle keep-alive connection is not latency.
 Why ``HTTPMetrics`` is a custom collector rather than prometheus_client's
 ``Counter``, ``Histogram`` and ``Gauge``: through those a request took six
 separately locked updates in generic code (``Histogram.observe`` alone loops
-over the buckets under two locks), 40,000 CPU instructions per request on top
-of the uninstrumented handler's 181,000 (counted with callgrind), and the
-instrumented server answered 0.82 as many requests/s. Now the counts cost
-about 11,400 instructions, most of them the three handler hooks: joining and
-leaving a set of requests in flight, and one short critical section under one
-lock to count the response. The request id and the exemplar add about 8,500:
-the traceparent lookup ~1,800, the id ~2,200, send_header ~3,400, the
-exemplar ~1,000. A scrape copies the numbers under the same lock
-and formats them with the library's own metric families, so the exposition
-text is unchanged. Every count stays exact with the GIL and without it: no
-shared number is updated outside the lock, and set.add/discard are atomic.
+over the buckets under two locks), 40,000 CPU instructions per request
+(counted with callgrind), and the instrumented server answered 0.82 as many
+requests/s. Now the counts cost about 11,400 instructions, most of them the
+three handler hooks: joining and leaving a set of requests in flight, and one
+short critical section under one lock to count the response. The request id
+and the exemplar add about 8,500: the traceparent lookup ~1,800, the id
+~2,200, send_header ~3,400, the exemplar ~1,000 (hello_server.py earns them
+back in the headers every response sends). A scrape copies the numbers under
+the same lock and formats them with the library's own metric families, so the
+exposition text is unchanged. Every count stays exact with the GIL and without
+it: no shared number is updated outside the lock, and set.add/discard are
+atomic.
 """
 
 from __future__ import annotations
