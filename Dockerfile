@@ -1,6 +1,10 @@
 # The hello server as a container image: `make up` builds and runs it with
 # Prometheus and Grafana (docker-compose.yml).
-FROM python:3.11.13-slim-bookworm
+# The base is a build argument so that it can be replaced without editing this
+# file (e.g. by the stand-ins of tools/standins.py where no registry is
+# reachable); the default is the pinned upstream image.
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 # No .pyc files in the image, logs straight to `docker logs`, no pip cache.
 ENV PYTHONDONTWRITEBYTECODE=1 \

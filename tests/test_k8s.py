@@ -239,7 +239,10 @@ def test_pod_is_locked_down(pod, container) -> None:
 
 def test_image_is_the_one_the_stack_builds(container) -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    repository = compose["services"]["app"]["image"].split(":")[0]
+    # ${APP_IMAGE:-hello-server:local}: the default is what `make up` builds.
+    image = re.sub(r"^\$\{\w+:-(.*)\}$", r"\1", compose["services"]["app"]["image"])
+    repository = image.split(":")[0]
+    assert repository == "hello-server"
     assert container["image"].split(":")[0] == repository
     # A :latest image loaded into kind or minikube must not be pulled.
     assert container["imagePullPolicy"] == "IfNotPresent"

@@ -57,6 +57,10 @@ def render_config(
         name = job["job_name"]
         if name not in targets:
             raise StackError(f"prometheus.yml has job {name!r} that stack.py does not know; add it to the targets")
+        # Whatever discovers the job's targets in Docker (DNS, static names)
+        # gives way to the loopback addresses.
+        for key in [k for k in job if k == "static_configs" or k.endswith("_sd_configs")]:
+            del job[key]
         job["static_configs"] = [{"targets": [targets[name]]}]
     # Container paths become the repository's rules directory.
     config["rule_files"] = [str(rules_dir / Path(pattern).name) for pattern in config.get("rule_files", [])]
