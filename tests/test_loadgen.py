@@ -79,6 +79,24 @@ def test_open_loop_sends_the_planned_count_and_reuses_connections(server: Server
     assert result.exact, audit.format_audit(result)
 
 
+@pytest.mark.parametrize("how", [{"rate": 300.0}, {"concurrency": 6}])
+def test_replicas_share_the_traffic_and_the_audit_sums_over_them(server: ServerFactory, how: dict) -> None:
+    bases = [server(), server(), server()]
+    targets = [traffic.Target.parse(base + "/hello") for base in bases]
+    p = traffic.Plan(targets[0], requests=300, replicas=tuple(targets[1:]), **how)
+    stats, result = audit.audited_run(p)
+    assert stats.sent == stats.responses == 300
+    assert result.exact, audit.format_audit(result)
+    assert "/metrics: summed over 3 servers" in result.notes
+    counted = [audit.series(audit.scrape(base + "/metrics"), "http_requests_total", "path")["/hello"] for base in bases]
+    # Round robin: each replica got its share (closed loop: two connections each).
+    assert sum(counted) == 300
+    if "rate" in how:
+        assert counted == [100, 100, 100]
+    else:
+        assert all(c > 0 for c in counted)
+
+
 def test_open_loop_duration_sets_the_count_from_the_schedule(server: ServerFactory) -> None:
     base = server()
     stats = traffic.run(plan(base + "/hello", rate=100.0, duration=0.5))
@@ -210,6 +228,8 @@ def _closed_port() -> int:
         (["http://127.0.0.1:99999/hello"], "malformed URL"),
         (["not a url"], "malformed URL"),
         (["--prometheus", "http://127.0.0.1:9090"], "--prometheus needs --audit"),
+        (["--audit", "--job", "hello"], "--job needs --prometheus"),
+        (["http://127.0.0.1:1/hello", "http://127.0.0.1:2/other"], "same path"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str) -> None:
@@ -263,6 +283,19 @@ def test_prometheus_target_matching(monkeypatch, target: str, instances: list[st
             prom.instance_of(t, deadline=0)
     else:
         assert prom.instance_of(t, deadline=0) == expected
+
+
+def test_prometheus_selector_of_a_job_or_of_the_targets(monkeypatch) -> None:
+    prom = audit.Prometheus("http://127.0.0.1:1")
+    instances = ["127.0.0.1:18080", "127.0.0.1:18081", "localhost:9090"]
+    monkeypatch.setattr(
+        prom, "query", lambda expr: [{"metric": {"instance": i, "job": "hello"}, "value": [0, "1"]} for i in instances]
+    )
+    targets = [traffic.Target.parse(f"http://localhost:{port}/hello") for port in (18080, 18081)]
+    assert prom.selector(targets, "hello", deadline=0) == 'job="hello"'
+    assert prom.selector(targets[:1], None, deadline=0) == 'instance="127.0.0.1:18080"'
+    # A PromQL string holding an RE2 regular expression: the dots are literal.
+    assert prom.selector(targets, None, deadline=0) == r'instance=~"127\\.0\\.0\\.1:18080|127\\.0\\.0\\.1:18081"'
 
 
 class _Framings(BaseHTTPRequestHandler):

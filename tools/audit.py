@@ -6,13 +6,20 @@ after its scrapes), then compares the deltas of ``http_requests_total{path}``,
 ``response_status_total{status}`` and the histogram count with the client's
 own counts: they must be equal. It also sets the histogram's quantile
 estimates beside the client's measured quantiles, with the bucket of each.
+
+With several replicas the counts are summed over all of them: directly over
+each replica's /metrics, and in Prometheus over the targets that are the
+client's servers (or every target of a job, when the client's addresses are
+not the ones Prometheus scrapes, as behind Docker's published ports).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
+import re
 import time
 import urllib.error
 import urllib.request
@@ -216,6 +223,20 @@ class Prometheus:
     def query(self, expr: str) -> list[dict[str, Any]]:
         return promapi.query(self.url, expr, timeout=self.timeout)
 
+    def selector(self, targets: Sequence[Target], job: str | None, deadline: float) -> str:
+        """The label matcher of the series to audit: every target of job, or the targets' own instances."""
+        if job:
+            expr = f"up{{job={_quote(job)}}}"
+            while not self.query(expr):
+                if time.time() > deadline:
+                    raise UsageError(f"Prometheus at {self.url} has no targets of job {job!r}")
+                time.sleep(0.1)
+            return f"job={_quote(job)}"
+        instances = sorted({self.instance_of(t, deadline) for t in targets})
+        if len(instances) == 1:
+            return f"instance={_quote(instances[0])}"
+        return f"instance=~{_quote('|'.join(re.escape(i) for i in instances))}"
+
     def instance_of(self, target: Target, deadline: float) -> str:
         """The instance label under which Prometheus scrapes target's server.
 
@@ -247,25 +268,36 @@ class Prometheus:
                 raise UsageError(f"Prometheus at {self.url} does not scrape {target.netloc}")
             time.sleep(0.1)
 
-    def wait_for_scrape(self, instance: str, after: float, deadline: float) -> float:
-        """Wait until Prometheus has scraped instance after wall time after; return that scrape's time."""
-        expr = f'timestamp(up{{instance="{instance}"}})'
+    def wait_for_scrape(self, selector: str, after: float, deadline: float) -> float:
+        """Wait until Prometheus has scraped every target of selector after wall time after.
+
+        Returns the time of the oldest of those scrapes.
+        """
+        expr = f"timestamp(up{{{selector}}})"
         while True:
-            result = self.query(expr)
-            if result and float(result[0]["value"][1]) > after:
-                return float(result[0]["value"][1])
+            times = [float(item["value"][1]) for item in self.query(expr)]
+            if times and min(times) > after:
+                return min(times)
             if time.time() > deadline:
-                raise TimeoutError(f"Prometheus did not scrape {instance} in time")
+                raise TimeoutError(f"Prometheus did not scrape {{{selector}}} in time")
             time.sleep(0.1)
 
-    def samples(self, instance: str) -> dict[Sample, float]:
-        """The audited counters as Prometheus last scraped them."""
+    def samples(self, selector: str) -> dict[Sample, float]:
+        """The audited counters as Prometheus last scraped them, summed over the targets of selector."""
         out: dict[Sample, float] = {}
         for name in (REQUESTS, STATUSES, LATENCY + "_count"):
-            for item in self.query(f'{name}{{instance="{instance}"}}'):
-                labels = {k: v for k, v in item["metric"].items() if k not in ("__name__", "job", "instance")}
+            for item in self.query(f"sum without (instance, job) ({name}{{{selector}}})"):
+                labels = {k: v for k, v in item["metric"].items() if k != "__name__"}
                 out[(name, frozenset(labels.items()))] = float(item["value"][1])
         return out
+
+    def targets(self, selector: str) -> int:
+        return len(self.query(f"up{{{selector}}}"))
+
+
+def _quote(value: str) -> str:
+    """A PromQL string literal."""
+    return json.dumps(value)
 
 
 def _is_loopback(host: str) -> bool:
@@ -277,16 +309,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def settled_scrape(url: str, deadline: float) -> dict[Sample, float]:
-    """Scrape until two scrapes in a row agree.
+def scrape_sum(urls: Sequence[str]) -> dict[Sample, float]:
+    """Every sample summed over the expositions at urls (replicas of one service)."""
+    total: dict[Sample, float] = {}
+    for url in urls:
+        for sample, value in scrape(url).items():
+            total[sample] = total.get(sample, 0.0) + value
+    return total
+
+
+def settled_scrape(urls: Sequence[str], deadline: float) -> dict[Sample, float]:
+    """Scrape (and sum over urls) until two scrapes in a row agree.
 
     The server counts a response just after sending it, so the client can
     hold its last response a moment before the server has counted it.
     """
-    previous = scrape(url)
+    previous = scrape_sum(urls)
     while True:
         time.sleep(0.05)
-        current = scrape(url)
+        current = scrape_sum(urls)
         if current_counts(current) == current_counts(previous) or time.monotonic() > deadline:
             return current
         previous = current
@@ -353,24 +394,33 @@ def audited_run(
     scrape_timeout: float = 60.0,
     log: Callable[[str], None] = lambda _: None,
     interruptible: bool = False,
+    job: str | None = None,
 ) -> tuple[Stats, Audit]:
-    """Run plan between two scrapes of the server (and of Prometheus) and compare."""
-    metrics_url = metrics_url or plan.target.sibling("/metrics")
-    instance = prom_before = None
+    """Run plan between two scrapes of the server(s) (and of Prometheus) and compare.
+
+    The direct scrapes sum /metrics over every target of the plan (metrics_url
+    replaces them for a single target). Through Prometheus the counters are
+    summed over the targets' own instances, or over every target of job.
+    """
+    if metrics_url and plan.replicas:
+        raise UsageError("--metrics-url names one server; with several URLs each one's /metrics is scraped")
+    metrics_urls = [metrics_url] if metrics_url else [t.sibling("/metrics") for t in plan.targets]
+    selector = prom_before = None
+    what = f"job {job!r}" if job else ", ".join(t.netloc for t in plan.targets)
     # Nothing is sent yet: a /metrics or Prometheus URL that does not work
     # here is a bad argument, not a failed audit.
     try:
         prom = Prometheus(prometheus_url) if prometheus_url else None
-        before = settled_scrape(metrics_url, time.monotonic() + 5)
+        before = settled_scrape(metrics_urls, time.monotonic() + 5)
         if prom:
-            log(f"loadgen: waiting for Prometheus at {prom.url} to scrape {plan.target.netloc} before the run")
-            instance = prom.instance_of(plan.target, time.time() + scrape_timeout)
-            prom.wait_for_scrape(instance, time.time(), time.time() + scrape_timeout)
-            prom_before = prom.samples(instance)
+            log(f"loadgen: waiting for Prometheus at {prom.url} to scrape {what} before the run")
+            selector = prom.selector(plan.targets, job, time.time() + scrape_timeout)
+            prom.wait_for_scrape(selector, time.time(), time.time() + scrape_timeout)
+            prom_before = prom.samples(selector)
     except (ScrapeError, promapi.PrometheusError) as e:
         raise UsageError(f"{e} (nothing was sent)") from None
     stats = run(plan, progress, interruptible)
-    after = settled_scrape(metrics_url, time.monotonic() + 5)
+    after = settled_scrape(metrics_urls, time.monotonic() + 5)
     settled_at = time.time()
     checks = count_checks(stats, before, after, "/metrics")
     notes = []
@@ -379,8 +429,11 @@ def audited_run(
             f"{stats.failures} requests timed out or failed: the server may or may not have counted them, "
             "so each count may exceed the client's by up to that many"
         )
-    if prom and instance:
-        log(f"loadgen: waiting for Prometheus to scrape {instance} after the run")
-        prom.wait_for_scrape(instance, settled_at, time.time() + scrape_timeout)
-        checks += count_checks(stats, prom_before or {}, prom.samples(instance), "Prometheus")
+    if len(metrics_urls) > 1:
+        notes.append(f"/metrics: summed over {len(metrics_urls)} servers")
+    if prom and selector:
+        log(f"loadgen: waiting for Prometheus to scrape {{{selector}}} after the run")
+        prom.wait_for_scrape(selector, settled_at, time.time() + scrape_timeout)
+        checks += count_checks(stats, prom_before or {}, prom.samples(selector), "Prometheus")
+        notes.append(f"Prometheus: summed over the {prom.targets(selector)} targets of {{{selector}}}")
     return stats, Audit(checks, quantile_rows(stats, before, after), notes)

@@ -1,7 +1,8 @@
 """Mock traffic for the hello server, and an audit of its metrics against it.
 
-``python tools/loadgen.py [URL] --rate R | --concurrency N`` drives a URL
-(default http://127.0.0.1:8080/hello) for ``--duration`` seconds or
+``python tools/loadgen.py [URL ...] --rate R | --concurrency N`` drives a URL
+(default http://127.0.0.1:8080/hello; several URLs of replicas share the
+traffic round robin) for ``--duration`` seconds or
 ``--requests`` requests, shows a live progress line on stderr, and prints a
 summary (``--json FILE`` writes it too). The engine is traffic.py.
 
@@ -51,7 +52,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         epilog="Exit status: 0 done, 1 the audit found a count mismatch or could not finish, "
         "2 bad arguments or unreachable target, 130 aborted by a second Ctrl-C.",
     )
-    p.add_argument("url", nargs="?", default=DEFAULT_URL, help="target URL (default: %(default)s)")
+    p.add_argument(
+        "urls",
+        nargs="*",
+        metavar="URL",
+        default=[DEFAULT_URL],
+        help=f"target URL (default: {DEFAULT_URL}); several URLs (replicas of one service) share it round robin",
+    )
     how = p.add_mutually_exclusive_group()
     how.add_argument("--rate", type=_positive(float), help="open loop: requests per second on a fixed schedule")
     how.add_argument("--concurrency", type=_positive(int), help="closed loop: this many connections, back to back")
@@ -68,23 +75,34 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--metrics-url", help="where the audit scrapes (default: /metrics on the target's server)")
     p.add_argument("--prometheus", metavar="URL", help="with --audit: also check through this Prometheus")
     p.add_argument(
+        "--job",
+        help="with --prometheus: sum over every target of this job instead of the targets whose address "
+        "is the URL's (needed where Prometheus scrapes other addresses, as behind Docker's published ports)",
+    )
+    p.add_argument(
         "--scrape-timeout", type=_positive(float), default=60.0, help="longest wait for a Prometheus scrape, s"
     )
     args = p.parse_args(argv)
     if args.prometheus and not args.audit:
         raise UsageError("--prometheus needs --audit")
+    if args.job and not args.prometheus:
+        raise UsageError("--job needs --prometheus")
     if args.rate is None and args.concurrency is None:
         args.rate = 10.0
     if args.duration is None and args.requests is None:
         args.duration = 10.0
-    target = Target.parse(args.url)
+    target, *replicas = (Target.parse(url) for url in args.urls)
+    if any(r.request_target != target.request_target for r in replicas):
+        raise UsageError("several URLs must have the same path: they are replicas of one service")
     for url in filter(None, (args.metrics_url, args.prometheus)):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"malformed URL {url!r}")
     if args.json and args.json != "-":
         _check_writable(args.json)
-    plan = Plan(target, args.rate, args.concurrency, args.duration, args.requests, args.timeout, args.method)
+    plan = Plan(
+        target, args.rate, args.concurrency, args.duration, args.requests, args.timeout, args.method, tuple(replicas)
+    )
     return plan, args
 
 
@@ -110,7 +128,8 @@ def _same_terminal(a: TextIO, b: TextIO) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan, args = parse_args(argv)
-        check_reachable(plan.target)
+        for target in plan.targets:
+            check_reachable(target)
     except UsageError as e:
         print(f"loadgen: error: {e}", file=sys.stderr)
         return 2
@@ -131,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.scrape_timeout,
                 log=lambda m: print(m, file=sys.stderr, flush=True),
                 interruptible=True,
+                job=args.job,
             )
         else:
             stats = run(plan, progress, interruptible=True)

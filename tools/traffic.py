@@ -92,6 +92,13 @@ class Plan:
     requests: int | None = None
     timeout: float = 10.0
     method: str = "GET"
+    # More servers of the same service (replicas): requests go round robin
+    # over target and these, so each gets 1/N of them.
+    replicas: tuple[Target, ...] = ()
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return (self.target, *self.replicas)
 
     @property
     def open_loop(self) -> bool:
@@ -105,7 +112,8 @@ class Plan:
                 until += f" or {self.duration:g} s"
         else:
             until = f"{self.duration:g} s"
-        return f"{self.method} {self.target.url}, {how}, {until}, timeout {self.timeout:g} s"
+        where = self.target.url + (f" and {len(self.replicas)} more replicas" if self.replicas else "")
+        return f"{self.method} {where}, {how}, {until}, timeout {self.timeout:g} s"
 
 
 # --- what the client saw ----------------------------------------------------
@@ -163,6 +171,7 @@ class Stats:
         return {
             "plan": self.plan.describe(),
             "url": self.plan.target.url,
+            "urls": [t.url for t in self.plan.targets],
             "mode": "open" if self.plan.open_loop else "closed",
             "target_rate": self.plan.rate,
             "concurrency": self.plan.concurrency,
@@ -378,12 +387,15 @@ class Generator:
         self.interruptible = interruptible
         self.stats = Stats(plan)
         self.progress = progress
-        t = plan.target
-        self.request = (
-            f"{plan.method} {t.request_target} HTTP/1.1\r\nHost: {t.netloc}\r\n"
-            "User-Agent: loadgen\r\nAccept: */*\r\n\r\n"
-        ).encode("latin-1")
-        self.idle: list[Connection] = []
+        self.requests = {
+            t: (
+                f"{plan.method} {t.request_target} HTTP/1.1\r\nHost: {t.netloc}\r\n"
+                "User-Agent: loadgen\r\nAccept: */*\r\n\r\n"
+            ).encode("latin-1")
+            for t in plan.targets
+        }
+        # Idle keep-alive connections, per target.
+        self.idle: dict[Target, list[Connection]] = {t: [] for t in plan.targets}
         self.busy: set[Connection] = set()
 
     async def run(self) -> Stats:
@@ -406,7 +418,7 @@ class Generator:
             s.finished = time.monotonic()
             if reporter:
                 reporter.cancel()
-            for conn in self.idle + list(self.busy):
+            for conn in [*(c for pool in self.idle.values() for c in pool), *self.busy]:
                 conn.close()
             if self.progress:
                 self.progress.done(s)
@@ -437,6 +449,7 @@ class Generator:
         plan, s = self.plan, self.stats
         assert plan.rate is not None
         tasks: set[asyncio.Task[None]] = set()
+        targets = plan.targets
         i = 0
         # i / rate, not started + i * interval - started: the division is
         # exact where the schedule ends on the duration (50 at 50/s in 1 s),
@@ -448,7 +461,7 @@ class Generator:
                 await asyncio.sleep(delay)
             # Late or not, every request keeps its place in the schedule: a
             # slow server does not make the client ask less.
-            task = asyncio.create_task(self._one(due, None))
+            task = asyncio.create_task(self._one(targets[i % len(targets)], due, None))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             i += 1
@@ -458,20 +471,21 @@ class Generator:
     async def _closed_loop(self) -> None:
         assert self.plan.concurrency is not None
 
-        async def worker() -> None:
+        async def worker(target: Target) -> None:
             conn: Connection | None = None
             try:
                 while self._more(time.monotonic() - self.stats.started, self.stats.sent):
-                    conn = await self._one(None, conn)
+                    conn = await self._one(target, None, conn)
             finally:
                 # Else the server keeps it (and a thread) until its idle timeout.
                 if conn is not None:
                     conn.close()
 
-        await asyncio.gather(*(worker() for _ in range(self.plan.concurrency)))
+        targets = self.plan.targets
+        await asyncio.gather(*(worker(targets[k % len(targets)]) for k in range(self.plan.concurrency)))
 
-    async def _one(self, due: float | None, conn: Connection | None) -> Connection | None:
-        """One request; due is its scheduled time (open loop).
+    async def _one(self, target: Target, due: float | None, conn: Connection | None) -> Connection | None:
+        """One request to target; due is its scheduled time (open loop).
 
         Closed loop passes its connection in and gets it back (None if closed).
         """
@@ -489,13 +503,14 @@ class Generator:
         try:
             async with asyncio.timeout(self.plan.timeout):
                 if pooled:
-                    conn = self.idle.pop() if self.idle else None
+                    idle = self.idle[target]
+                    conn = idle.pop() if idle else None
                 if conn is None:
-                    conn = await Connection.open(self.plan.target)
+                    conn = await Connection.open(target)
                     s.connections_opened += 1
                 self.busy.add(conn)
                 written = time.monotonic()
-                status, keep = await conn.exchange(self.request)
+                status, keep = await conn.exchange(self.requests[target])
         except TimeoutError:
             s.timeouts += 1
             keep = False
@@ -516,7 +531,7 @@ class Generator:
             conn.close()
             return None
         if pooled:
-            self.idle.append(conn)
+            self.idle[target].append(conn)
         return conn
 
     async def _report(self) -> None:
