@@ -432,8 +432,10 @@ def audited_run(
     if len(metrics_urls) > 1:
         notes.append(f"/metrics: summed over {len(metrics_urls)} servers")
     if prom and selector:
-        log(f"loadgen: waiting for Prometheus to scrape {{{selector}}} after the run")
+        log(f"loadgen: waiting for Prometheus to scrape {what} after the run")
         prom.wait_for_scrape(selector, settled_at, time.time() + scrape_timeout)
         checks += count_checks(stats, prom_before or {}, prom.samples(selector), "Prometheus")
-        notes.append(f"Prometheus: summed over the {prom.targets(selector)} targets of {{{selector}}}")
+        count = prom.targets(selector)
+        if count > 1:
+            notes.append(f"Prometheus: summed over {count} targets" + (f" of job {job!r}" if job else ""))
     return stats, Audit(checks, quantile_rows(stats, before, after), notes)
