@@ -28,9 +28,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+import audit
 import check_dashboards
 import promapi
 import stack
+import traffic
 from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,9 +199,16 @@ def _makefile_default(variable: str) -> str:
 def test_the_banner_agrees_with_the_makefiles_defaults():
     assert _makefile_default("LOAD_ARGS") == stack.MAKE_LOAD_ARGS
     assert _makefile_default("PROMETHEUS") == stack.MAKE_PROMETHEUS
-    default = stack.Stack(stack.MAKE_APP_URL, "http://127.0.0.1:9090", Path("/tmp/x"), None, None)  # type: ignore[arg-type]
+    replica = stack.Replica("127.0.0.1", 8080, Path("/tmp/x/app.log"), (), None)  # type: ignore[arg-type]
+    default = stack.Stack([replica], "http://127.0.0.1:9090", Path("/tmp/x"), None)  # type: ignore[arg-type]
     text = stack.banner(default)
     assert "  make load\n  make queries\n  make report\n" in text
+    # Several replicas: every one is printed, and make load spreads over them.
+    more = [stack.Replica("127.0.0.1", port, Path("/tmp/x/app.log"), (), None) for port in (8080, 8081)]  # type: ignore[arg-type]
+    text = stack.banner(stack.Stack(more, "http://127.0.0.1:9090", Path("/tmp/x"), None))  # type: ignore[arg-type]
+    assert "app         http://127.0.0.1:8081/hello" in text
+    urls = "http://127.0.0.1:8080/hello http://127.0.0.1:8081/hello"
+    assert f'  make load LOAD_ARGS="{urls} {stack.MAKE_LOAD_ARGS}"' in text
 
 
 def test_stack_on_other_ports_prints_commands_that_reach_them():
@@ -231,3 +240,27 @@ def test_stack_on_other_ports_prints_commands_that_reach_them():
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_replicas_are_discovered_from_a_file_summed_exactly_and_revived():
+    require_tool("prometheus")
+    with stack.native_stack(app_args=APP_ARGS, scrape_interval="1s", evaluation_interval="1s", replicas=3) as s:
+        assert len(set(s.app_urls)) == 3
+        ups = 'up{job="hello"}'
+        stack.wait_until(lambda: values(s.prometheus_url, ups) == [1.0] * 3, TIMEOUT, "three targets up")
+        targets = [traffic.Target.parse(url + "/hello") for url in s.app_urls]
+        plan = traffic.Plan(targets[0], rate=200, requests=600, replicas=tuple(targets[1:]))
+        stats, result = audit.audited_run(plan, prometheus_url=s.prometheus_url, scrape_timeout=TIMEOUT)
+        assert stats.responses == 600
+        assert result.exact, audit.format_audit(result)
+        assert {"/metrics: summed over 3 servers", "Prometheus: summed over 3 targets"} <= set(result.notes)
+
+        # A replica that dies is started again on its port, and Prometheus sees the new process.
+        victim = s.replicas[1]
+        started = f'process_start_time_seconds{{instance="127.0.0.1:{victim.port}"}}'
+        [before] = values(s.prometheus_url, started)
+        victim.process.kill()
+        victim.process.wait()
+        assert s.revive() == [victim] and victim.restarts == 1
+        assert s.stopped() is None
+        stack.wait_until(lambda: values(s.prometheus_url, started) not in ([], [before]), TIMEOUT, "the new process")

@@ -5,11 +5,18 @@ The same topology as docker-compose.yml, run natively with Debian's
 targets, the rule-file directory and optionally the intervals differ) and the
 same ``rules/*.yml`` are loaded. ``make stack`` runs it in the foreground; the
 end-to-end tests use ``native_stack()``.
+
+``--replicas N`` runs N app processes on consecutive ports. Prometheus finds
+them through a file_sd_configs file, the native counterpart of compose's DNS
+and Kubernetes' endpoints discovery: the file lists every replica, and
+Prometheus rereads it when it changes. A replica that exits is started again
+on its port, as compose's restart policy and Kubernetes would.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -21,7 +28,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +48,7 @@ class StackError(RuntimeError):
 
 
 def render_config(
-    targets: dict[str, str],
+    targets: Mapping[str, str | Path],
     source: Path = ROOT / "prometheus.yml",
     rules_dir: Path = ROOT / "rules",
     scrape_interval: str | None = None,
@@ -49,8 +56,9 @@ def render_config(
 ) -> str:
     """prometheus.yml with each job's targets replaced by ``targets[job]``.
 
-    Every job must be mapped, so a job added to prometheus.yml cannot silently
-    go unscraped here.
+    A string is one static target ("host:port"); a Path is a file_sd_configs
+    file listing the job's targets. Every job must be mapped, so a job added
+    to prometheus.yml cannot silently go unscraped here.
     """
     config = yaml.safe_load(source.read_text())
     for job in config["scrape_configs"]:
@@ -61,7 +69,11 @@ def render_config(
         # gives way to the loopback addresses.
         for key in [k for k in job if k == "static_configs" or k.endswith("_sd_configs")]:
             del job[key]
-        job["static_configs"] = [{"targets": [targets[name]]}]
+        where = targets[name]
+        if isinstance(where, Path):
+            job["file_sd_configs"] = [{"files": [str(where)]}]
+        else:
+            job["static_configs"] = [{"targets": [where]}]
     # Container paths become the repository's rules directory.
     config["rule_files"] = [str(rules_dir / Path(pattern).name) for pattern in config.get("rule_files", [])]
     glob = config.setdefault("global", {})
@@ -73,21 +85,64 @@ def render_config(
 
 
 @dataclass
-class Stack:
-    """A running app and Prometheus."""
+class Replica:
+    """One app process; its port stays when it is started again."""
 
-    app_url: str
+    host: str
+    port: int
+    log: Path
+    app_args: Sequence[str]
+    process: subprocess.Popen[bytes]
+    restarts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass
+class Stack:
+    """The running app replicas and Prometheus."""
+
+    replicas: list[Replica]
     prometheus_url: str
     workdir: Path
-    app: subprocess.Popen[bytes]
     prometheus: subprocess.Popen[bytes]
+
+    @property
+    def app_url(self) -> str:
+        """The first replica's URL (the only one unless replicas > 1)."""
+        return self.replicas[0].url
+
+    @property
+    def app_urls(self) -> list[str]:
+        return [r.url for r in self.replicas]
+
+    @property
+    def app(self) -> subprocess.Popen[bytes]:
+        return self.replicas[0].process
 
     def stopped(self) -> str | None:
         """Which process has exited on its own, if any."""
-        for name, process in (("the app", self.app), ("prometheus", self.prometheus)):
+        processes = [(f"app replica {i + 1}", r.process) for i, r in enumerate(self.replicas)]
+        for name, process in [*processes, ("prometheus", self.prometheus)]:
             if process.poll() is not None:
                 return f"{name} exited with status {process.returncode}; see {self.workdir}"
         return None
+
+    def revive(self) -> list[Replica]:
+        """Start every replica that has exited again, on its port; the ones restarted.
+
+        Like compose's restart policy: the new process counts from zero, and
+        Prometheus sees a counter reset on the same target.
+        """
+        revived = []
+        for replica in self.replicas:
+            if replica.process.poll() is not None:
+                replica.process, _ = _start_app(replica.host, replica.port, replica.app_args, replica.log)
+                replica.restarts += 1
+                revived.append(replica)
+        return revived
 
     def wait_for_scrape(self, job: str = "hello", timeout: float = 30.0) -> None:
         """Block until Prometheus has scraped job successfully at least once."""
@@ -134,9 +189,10 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def _start_app(host: str, port: int, app_args: Sequence[str], workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    log = workdir / "app.log"
-    with log.open("wb") as out:
+def _start_app(host: str, port: int, app_args: Sequence[str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    # Appended to: a restarted replica's log keeps what its predecessor said.
+    start = log.stat().st_size if log.exists() else 0
+    with log.open("ab") as out:
         app = subprocess.Popen(
             [sys.executable, str(ROOT / "hello_server.py"), "--host", host, "--port", str(port), *app_args],
             stdout=out,
@@ -149,7 +205,10 @@ def _start_app(host: str, port: int, app_args: Sequence[str], workdir: Path) -> 
     def listening() -> str | None:
         if app.poll() is not None:
             raise StackError(f"the app exited with status {app.returncode}:\n{_tail(log)}")
-        for line in log.read_text(errors="replace").splitlines():
+        with log.open("rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+        for line in lines:
             if LISTENING in line:
                 # "listening on http://0.0.0.0:8080 (...)": keep host:port.
                 return line.split(LISTENING, 1)[1].split()[0]
@@ -160,7 +219,7 @@ def _start_app(host: str, port: int, app_args: Sequence[str], workdir: Path) -> 
     except BaseException:
         _stop(app)
         raise
-    return app, address.rsplit(":", 1)[1]
+    return app, int(address.rsplit(":", 1)[1])
 
 
 @contextmanager
@@ -172,27 +231,41 @@ def native_stack(
     prometheus_port: int = 0,
     host: str = "127.0.0.1",
     workdir: Path | None = None,
+    replicas: int = 1,
 ) -> Iterator[Stack]:
-    """Start the app and Prometheus on host; stop both on exit.
+    """Start replicas of the app and Prometheus on host; stop them all on exit.
 
-    Ports 0 pick free ones. app_args go to hello_server.py (e.g.
-    ["--failure-rate", "1"]). Logs and the TSDB live in workdir (a temporary
-    directory, removed afterwards, unless given).
+    Ports 0 pick free ones; app_port P gives the replicas P, P+1, ... app_args
+    go to hello_server.py (e.g. ["--failure-rate", "1"]). Logs and the TSDB
+    live in workdir (a temporary directory, removed afterwards, unless given).
     """
+    if replicas < 1:
+        raise StackError(f"replicas must be at least 1, not {replicas}")
     binary = shutil.which("prometheus")
     if binary is None:
         raise StackError("prometheus is not installed: `make tools` installs Debian's package")
     with tempfile.TemporaryDirectory(prefix="hello-stack-") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        app, port = _start_app(host, app_port, app_args, work)
+        apps: list[Replica] = []
         prometheus = None
         try:
+            for i in range(replicas):
+                log = work / ("app.log" if replicas == 1 else f"app-{i + 1}.log")
+                process, port = _start_app(host, app_port + i if app_port else 0, app_args, log)
+                apps.append(Replica(host, port, log, tuple(app_args), process))
+            # The replicas' addresses for Prometheus' file discovery, written
+            # whole and renamed into place: it never reads half a file.
+            targets = work / "targets" / "hello.json"
+            targets.parent.mkdir(exist_ok=True)
+            partial = targets.with_suffix(".tmp")
+            partial.write_text(json.dumps([{"targets": [f"{host}:{r.port}" for r in apps]}], indent=2) + "\n")
+            partial.replace(targets)
             prom_port = prometheus_port or _free_port(host)
             config = work / "prometheus.yml"
             config.write_text(
                 render_config(
-                    {"hello": f"{host}:{port}", "prometheus": f"{host}:{prom_port}"},
+                    {"hello": targets, "prometheus": f"{host}:{prom_port}"},
                     scrape_interval=scrape_interval,
                     evaluation_interval=evaluation_interval,
                 )
@@ -225,11 +298,19 @@ def native_stack(
                     return False
 
             wait_until(ready, 30, "Prometheus to be ready")
-            yield Stack(f"http://{host}:{port}", prometheus_url, work, app, prometheus)
+            yield Stack(apps, prometheus_url, work, prometheus)
         finally:
             if prometheus is not None:
                 _stop(prometheus)
-            _stop(app)
+            for replica in apps:
+                _stop(replica.process)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 # The Makefile's defaults: its `make load`, `make queries` and `make report`
@@ -244,7 +325,7 @@ def banner(stack: Stack) -> str:
     app, prom = stack.app_url, stack.prometheus_url
     tutorial = urllib.parse.quote('rate(http_requests_total{path="/hello"}[1m])')
     lines = [
-        f"app         {app}/hello   {app}/metrics",
+        *(f"app         {url}/hello   {url}/metrics" for url in stack.app_urls),
         f"prometheus  {prom}/graph?g0.expr={tutorial}&g0.tab=0",
         f"targets     {prom}/classic/targets",
         f"rules       {prom}/classic/rules",
@@ -254,14 +335,21 @@ def banner(stack: Stack) -> str:
     ]
     same_app = urllib.parse.urlsplit(app).port == urllib.parse.urlsplit(MAKE_APP_URL).port
     same_prom = urllib.parse.urlsplit(prom).port == urllib.parse.urlsplit(MAKE_PROMETHEUS).port
-    load = "make load" if same_app else f'make load LOAD_ARGS="{app}/hello {MAKE_LOAD_ARGS}"'
+    if len(stack.replicas) > 1:
+        # Every replica gets its share, and the audit sums over them.
+        urls = " ".join(f"{url}/hello" for url in stack.app_urls)
+        load = f'make load LOAD_ARGS="{urls} {MAKE_LOAD_ARGS}"'
+    elif same_app:
+        load = "make load"
+    else:
+        load = f'make load LOAD_ARGS="{app}/hello {MAKE_LOAD_ARGS}"'
     given = "" if same_prom else f" PROMETHEUS={prom}"
     lines += [
         "In another terminal:",
         f"  {load}",
         f"  make queries{given}",
         f"  make report{given}",
-        "Ctrl-C stops both.",
+        "Ctrl-C stops them all." if len(stack.replicas) > 1 else "Ctrl-C stops both.",
     ]
     return "\n".join(lines)
 
@@ -271,7 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run the app and Debian's prometheus on loopback until Ctrl-C.",
         epilog="Arguments after -- go to hello_server.py, e.g. `-- --failure-rate 0.5`.",
     )
-    parser.add_argument("--app-port", type=int, default=8080, help="default %(default)s")
+    parser.add_argument("--app-port", type=int, default=8080, help="the first replica's port (default %(default)s)")
+    parser.add_argument(
+        "--replicas",
+        type=_at_least_one,
+        default=1,
+        help="app processes, on consecutive ports from --app-port (default %(default)s)",
+    )
     parser.add_argument("--prometheus-port", type=int, default=9090, help="default %(default)s")
     parser.add_argument("--scrape-interval", help="override prometheus.yml's (e.g. 1s)")
     parser.add_argument("--workdir", type=Path, help="keep logs and the TSDB here instead of a temporary directory")
@@ -289,12 +383,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             app_port=args.app_port,
             prometheus_port=args.prometheus_port,
             workdir=args.workdir,
+            replicas=args.replicas,
         ) as stack:
             print(banner(stack), flush=True)
             while not stop.wait(0.5):
-                if problem := stack.stopped():
-                    print(f"stack: {problem}", file=sys.stderr)
+                if stack.prometheus.poll() is not None:
+                    print(f"stack: {stack.stopped()}", file=sys.stderr)
                     return 1
+                # A replica that died is started again, as a restart policy would.
+                for replica in stack.revive():
+                    print(f"stack: the app on port {replica.port} exited; started it again", file=sys.stderr)
     except StackError as e:
         print(f"stack: {e}", file=sys.stderr)
         return 1
