@@ -110,15 +110,25 @@ def recipe(standin: Standin) -> str:
     return _digest(*parts)
 
 
-def current_recipe(image: str) -> str | None:
-    """The recipe label of a local image, or None if there is no such image."""
+def _inspect(image: str, template: str) -> str | None:
     result = subprocess.run(
-        [docker_cli(), "image", "inspect", "--format", f'{{{{index .Config.Labels "{LABEL}"}}}}', image],
-        capture_output=True,
-        text=True,
-        check=False,
+        [docker_cli(), "image", "inspect", "--format", template, image], capture_output=True, text=True, check=False
     )
     return result.stdout.strip() if result.returncode == 0 else None
+
+
+def current_recipe(image: str) -> str | None:
+    """The recipe label of a local image, or None if there is no such image."""
+    return _inspect(image, f'{{{{index .Config.Labels "{LABEL}"}}}}')
+
+
+def _remove_superseded(previous: str | None, image: str) -> None:
+    """Remove the image a rebuild replaced, unless something still uses it.
+
+    Only this program's own stand-ins get here: no other image is touched.
+    """
+    if previous and previous != _inspect(image, "{{.Id}}"):
+        subprocess.run([docker_cli(), "image", "rm", previous], capture_output=True, check=False)
 
 
 def build_base(log: Callable[[str], None] = print) -> bool:
@@ -129,6 +139,7 @@ def build_base(log: Callable[[str], None] = print) -> bool:
     if shutil.which("debootstrap") is None:
         raise StandinError("debootstrap is not installed: `make docker-tools` installs it")
     log(f"standins: debootstrap {SUITE} minbase into {BASE} (about a minute)")
+    previous = _inspect(BASE, "{{.Id}}")
     with tempfile.TemporaryDirectory(prefix="hello-standin-") as tmp:
         root = Path(tmp) / "root"
         result = subprocess.run(
@@ -151,6 +162,7 @@ def build_base(log: Callable[[str], None] = print) -> bool:
                 quiet=True,
                 stdin=tar.stdout,
             )
+    _remove_superseded(previous, BASE)
     return True
 
 
@@ -172,6 +184,7 @@ def build(standin: Standin, log: Callable[[str], None] = print) -> bool:
     if current_recipe(standin.image) == want:
         return False
     log(f"standins: building {standin.image} (stands in for {standin.replaces})")
+    previous = _inspect(standin.image, "{{.Id}}")
     with tempfile.TemporaryDirectory(prefix="hello-standin-") as tmp:
         context = Path(tmp)
         (context / "wheels").mkdir()
@@ -191,6 +204,7 @@ def build(standin: Standin, log: Callable[[str], None] = print) -> bool:
             str(context),
             quiet=True,
         )
+    _remove_superseded(previous, standin.image)
     return True
 
 
