@@ -124,9 +124,15 @@ def standin_images(docker_engine: str) -> dict[str, str]:
 
 
 def _free_block(count: int) -> int:
-    """The first of count consecutive ports free on 127.0.0.1."""
+    """The first of count consecutive ports free on 127.0.0.1.
+
+    Below the kernel's ephemeral range: a port in it that is free now can be
+    taken by any outgoing connection (the tests make thousands) before
+    Docker binds it, seconds later.
+    """
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(200):
-        first = random.randrange(20000, 60000 - count)
+        first = random.randrange(10000, ephemeral - count)
         sockets = []
         try:
             for port in range(first, first + count):
