@@ -96,8 +96,11 @@ run: $(VENV)/.run ## start the server on :8080 (Ctrl-C stops it)
 
 # --- the monitoring stack -------------------------------------------------------
 
+# stack.py's flags, e.g.  make stack STACK_ARGS="--replicas 3"  (ports 8080-8082)
+STACK_ARGS ?=
+
 stack: $(VENV)/.tools tools ## the app on :8080 and a real Prometheus on :9090, no Docker (Ctrl-C stops)
-	$(PY) tools/stack.py
+	$(PY) tools/stack.py $(STACK_ARGS)
 
 # The same stack in Docker, with Grafana (docker-compose.yml). --wait returns
 # once every service's health check passes.
