@@ -179,11 +179,12 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited after timeout seconds."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -217,7 +218,7 @@ def _start_app(host: str, port: int, app_args: Sequence[str], log: Path) -> tupl
     try:
         address = wait_until(listening, 15, "the app to listen")
     except BaseException:
-        _stop(app)
+        stop_process(app)
         raise
     return app, int(address.rsplit(":", 1)[1])
 
@@ -301,9 +302,9 @@ def native_stack(
             yield Stack(apps, prometheus_url, work, prometheus)
         finally:
             if prometheus is not None:
-                _stop(prometheus)
+                stop_process(prometheus)
             for replica in apps:
-                _stop(replica.process)
+                stop_process(replica.process)
 
 
 def _at_least_one(text: str) -> int:
