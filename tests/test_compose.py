@@ -95,7 +95,10 @@ def docker_engine() -> Iterator[str]:
                     raise stack.StackError(f"dockerd exited with status {daemon.returncode}:\n{tail}")
                 return _engine_answers(docker)
 
-            stack.wait_until(ready, 60, "dockerd to answer", interval=0.5)
+            try:
+                stack.wait_until(ready, 60, "dockerd to answer", interval=0.5)
+            except stack.StackError as e:
+                raise stack.StackError(f"{e}; its log ends:\n{log.read_text(errors='replace')[-3000:]}") from None
             yield docker
         finally:
             # dockerd stops its containers first (10 s each at most, in parallel).
