@@ -227,6 +227,7 @@ def compose_project(compose_plugin: str, standin_images: dict[str, str]) -> Iter
     project = Project(name, compose_plugin, env)
     try:
         project.timings["up"] = project.up()
+        print(f"\ncompose: {', '.join(project.services)} built, up and healthy in {project.timings['up']:.1f} s")
         yield project
     finally:
         project.compose("down", "--volumes", "--remove-orphans", "--timeout", "20", check=False)
