@@ -19,7 +19,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY hello_server.py metrics.py ./
+COPY hello_server.py metrics.py connections.py ./
 
 # An unprivileged user with no home and no shell; the code stays root-owned
 # and read-only to it.

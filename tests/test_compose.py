@@ -20,6 +20,7 @@ Add a service to SERVICES to have it started and checked too.
 
 from __future__ import annotations
 
+import ast
 import http.client
 import itertools
 import json
@@ -265,6 +266,36 @@ def audited(project: Project, requests: int, rate: float) -> tuple[traffic.Stats
 
 
 # --- one replica --------------------------------------------------------------
+
+
+def _first_party_imports(module: Path) -> set[str]:
+    """The root-level modules of this repository that module imports, transitively."""
+    found: set[str] = set()
+    todo = [module]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            for name in names:
+                path = ROOT / f"{name.split('.')[0]}.py"
+                if path.exists() and path.name not in found:
+                    found.add(path.name)
+                    todo.append(path)
+    return found
+
+
+def test_the_image_gets_every_module_the_server_imports() -> None:
+    """Offline, so a module missing from the image fails here before compose says 'unhealthy'."""
+    needed = {"hello_server.py"} | _first_party_imports(ROOT / "hello_server.py")
+    copied = set()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied |= set(line.split()[1:-1])
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    assert needed <= copied, f"the Dockerfile does not COPY {sorted(needed - copied)}"
+    assert needed <= allowed, f".dockerignore keeps {sorted(needed - allowed)} out of the build"
 
 
 def test_every_service_is_healthy_and_runs_unprivileged(compose_project: Project) -> None:
