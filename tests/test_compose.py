@@ -102,8 +102,16 @@ def docker_engine() -> Iterator[str]:
                 raise stack.StackError(f"{e}; its log ends:\n{log.read_text(errors='replace')[-3000:]}") from None
             yield docker
         finally:
-            # dockerd stops its containers first (10 s each at most, in parallel).
-            stack.stop_process(daemon, timeout=60)
+            # Another session may have found this engine answering and used it:
+            # stopping it would kill that session's containers mid-test.
+            others = _run([docker, "ps", "--quiet"], timeout=30).stdout.split()
+            if others:
+                print(
+                    f"\ndocker: leaving the dockerd this session started (pid {daemon.pid}) running: "
+                    f"{len(others)} containers of others run on it"
+                )
+            else:
+                stack.stop_process(daemon, timeout=60)
 
 
 @pytest.fixture(scope="session")
