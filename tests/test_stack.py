@@ -206,7 +206,7 @@ def test_the_banner_agrees_with_the_makefiles_defaults():
     # Several replicas: every one is printed, and make load spreads over them.
     more = [stack.Replica("127.0.0.1", port, Path("/tmp/x/app.log"), (), None) for port in (8080, 8081)]  # type: ignore[arg-type]
     text = stack.banner(stack.Stack(more, "http://127.0.0.1:9090", Path("/tmp/x"), None))  # type: ignore[arg-type]
-    assert "app         http://127.0.0.1:8081/hello" in text
+    assert re.search(r"^app +http://127\.0\.0\.1:8081/hello ", text, re.M)
     urls = "http://127.0.0.1:8080/hello http://127.0.0.1:8081/hello"
     assert f'  make load LOAD_ARGS="{urls} {stack.MAKE_LOAD_ARGS}"' in text
 
