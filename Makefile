@@ -100,14 +100,15 @@ run: $(VENV)/.run ## start the server on :8080 (Ctrl-C stops it)
 # stack.py's flags, e.g.  make stack STACK_ARGS="--replicas 3"  (ports 8080-8082)
 STACK_ARGS ?=
 
-stack: $(VENV)/.tools tools ## the app on :8080 and a real Prometheus on :9090, no Docker (Ctrl-C stops)
+stack: $(VENV)/.tools tools ## app :8080, Prometheus :9090, Alertmanager :9093, no Docker (Ctrl-C stops)
 	$(PY) tools/stack.py $(STACK_ARGS)
 
 # The same stack in Docker, with Grafana (docker-compose.yml). --wait returns
 # once every service's health check passes.
-up: ## build and start app :8080, Prometheus :9090, Grafana :3000 in Docker
+up: ## build and start app :8080, Prometheus :9090, Alertmanager :9093, Grafana :3000 in Docker
 	$(DOCKER) compose up --build --detach --wait
-	@echo "app http://localhost:8080/hello  Prometheus http://localhost:9090  Grafana http://localhost:3000"
+	@echo "app http://localhost:8080/hello  Prometheus http://localhost:9090  Alertmanager http://localhost:9093  Grafana http://localhost:3000"
+	@echo "notifications: $(DOCKER) compose logs --follow alert-receiver"
 
 down: ## stop the Docker stack (its data volumes stay; docker compose down -v removes them)
 	$(DOCKER) compose down

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import alert_receiver
 import stack
 from alertmanager import check_routes
 from conftest import require_tool
@@ -143,3 +144,22 @@ def test_prometheus_sends_alerts_to_the_alertmanager_it_is_given(alertmanagers, 
     # As compose runs it: the alertmanager service.
     compose = yaml.safe_load((ROOT / "prometheus.yml").read_text())
     assert compose["alerting"]["alertmanagers"] == [{"static_configs": [{"targets": ["alertmanager:9093"]}]}]
+
+
+def test_compose_wires_prometheus_alertmanager_and_the_receiver_together():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    alertmanager, receiver = compose["alertmanager"], compose["alert-receiver"]
+    # Prometheus' target and the webhook URLs name services that exist, on their ports.
+    [target] = yaml.safe_load((ROOT / "prometheus.yml").read_text())["alerting"]["alertmanagers"][0]["static_configs"]
+    assert target["targets"] == ["alertmanager:9093"]
+    assert alertmanager["ports"] == ["127.0.0.1:9093:9093"]
+    host, port = stack.RECEIVER.split(":")
+    assert host in compose and int(port) == alert_receiver.Config().port
+    assert receiver["environment"]["HELLO_RECEIVER_HOST"] == "0.0.0.0"
+    assert "./tools/alert_receiver.py:/receiver/alert_receiver.py:ro" in receiver["volumes"]
+    # Alertmanager reads the repository's file, and keeps silences in a volume.
+    assert "./alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro" in alertmanager["volumes"]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    assert "alertmanager-data:/alertmanager" in alertmanager["volumes"]
+    assert "--storage.path=/alertmanager" in alertmanager["command"]
+    assert compose["prometheus"]["depends_on"]["alertmanager"] == {"condition": "service_healthy"}
