@@ -152,7 +152,7 @@ def test_compose_wires_prometheus_alertmanager_and_the_receiver_together():
     # Prometheus' target and the webhook URLs name services that exist, on their ports.
     [target] = yaml.safe_load((ROOT / "prometheus.yml").read_text())["alerting"]["alertmanagers"][0]["static_configs"]
     assert target["targets"] == ["alertmanager:9093"]
-    assert alertmanager["ports"] == ["127.0.0.1:9093:9093"]
+    assert alertmanager["ports"] == ["127.0.0.1:${ALERTMANAGER_PORT:-9093}:9093"]
     host, port = stack.RECEIVER.split(":")
     assert host in compose and int(port) == alert_receiver.Config().port
     assert receiver["environment"]["HELLO_RECEIVER_HOST"] == "0.0.0.0"

@@ -2,7 +2,8 @@
 
 What `make up` starts, minus Grafana (no image of it can be had without a
 registry, and nothing else runs Grafana here): the app built by the project's
-Dockerfile, and Prometheus with prometheus.yml and rules/, both unchanged.
+Dockerfile, Prometheus with prometheus.yml and rules/, Alertmanager with
+alertmanager/alertmanager.yml and the webhook receiver, all unchanged.
 Where no registry is reachable the base images are the stand-ins of
 tools/standins.py, built from Debian's packages and passed in through the
 variables docker-compose.yml reads (PYTHON_IMAGE, PROMETHEUS_IMAGE, ...).
@@ -48,7 +49,7 @@ from conftest import IN_CI, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every service of docker-compose.yml that can run here; grafana cannot.
-SERVICES = ("app", "prometheus")
+SERVICES = ("app", "prometheus", "alertmanager", "alert-receiver")
 # Host ports the test publishes, each a variable of docker-compose.yml; the
 # app's is a range (one port per replica).
 REPLICAS_MAX = 3
@@ -223,7 +224,7 @@ class Project:
 @pytest.fixture(scope="module")
 def compose_project(compose_plugin: str, standin_images: dict[str, str]) -> Iterator[Project]:
     """docker-compose.yml's services (SERVICES), up and healthy, one replica of the app."""
-    first = _free_block(REPLICAS_MAX + 1)
+    first = _free_block(REPLICAS_MAX + 2)
     name = f"hello-test-{os.getpid()}"
     env = dict(os.environ)
     env.update(standin_images)
@@ -232,6 +233,7 @@ def compose_project(compose_plugin: str, standin_images: dict[str, str]) -> Iter
         APP_IMAGE=f"hello-server:{name}",
         APP_PORTS=f"{first}-{first + REPLICAS_MAX - 1}",
         PROMETHEUS_PORT=str(first + REPLICAS_MAX),
+        ALERTMANAGER_PORT=str(first + REPLICAS_MAX + 1),
     )
     project = Project(name, compose_plugin, env)
     try:
@@ -321,6 +323,7 @@ def test_every_service_is_healthy_and_runs_unprivileged(compose_project: Project
     # Published on loopback only (Project.port checks the address).
     compose_project.port("app", 8080)
     compose_project.port("prometheus", 9090)
+    compose_project.port("alertmanager", 9093)
 
 
 def test_audit_is_exact_through_the_containerized_prometheus(compose_project: Project) -> None:
@@ -357,6 +360,36 @@ def test_the_tutorial_query_is_positive_and_every_rule_healthy(compose_project: 
     assert not unhealthy
     # The service view of the recording rules has data.
     assert values(compose_project.prometheus_url, 'job_path:http_requests:rate5m{path="/hello"}')[0] > 0
+
+
+# Prometheus 2.x drops the alerts it evaluates before it has discovered
+# Alertmanager (~5 s after start) and sends them again only after its resend
+# delay (1m): the first Watchdog can take over a minute.
+WATCHDOG_TIMEOUT = 150.0
+
+
+@pytest.mark.timeout(WATCHDOG_TIMEOUT + 30)
+def test_watchdog_reaches_the_receiver_through_the_containerized_alertmanager(compose_project: Project) -> None:
+    # Prometheus found the alertmanager service of prometheus.yml's alerting block.
+    with urllib.request.urlopen(f"{compose_project.prometheus_url}/api/v1/alertmanagers", timeout=10) as response:
+        [active] = json.load(response)["data"]["activeAlertmanagers"]
+    assert active["url"].endswith(":9093/api/v2/alerts")
+
+    def delivered() -> list[str]:
+        logs = compose_project.compose("logs", "--no-log-prefix", "alert-receiver").stdout
+        return [line for line in logs.splitlines() if " alertname=Watchdog " in line]
+
+    [line] = stack.wait_until(delivered, WATCHDOG_TIMEOUT, "Watchdog in the receiver's log", interval=2)[:1]
+    summary = yaml.safe_load((ROOT / "rules" / "watchdog.yml").read_text())["groups"][0]["rules"][0]["annotations"]
+    assert line.split(" ", 1)[1] == (
+        f'status=firing alertname=Watchdog severity=none receiver=watchdog summary="{summary["summary"]}"'
+    )
+    # Alertmanager, on its published port, holds it for the watchdog receiver only.
+    alertmanager = compose_project.url("alertmanager", 9093)
+    with urllib.request.urlopen(f"{alertmanager}/api/v2/alerts?filter=alertname%3DWatchdog", timeout=10) as response:
+        [watchdog] = json.load(response)
+    assert watchdog["receivers"] == [{"name": "watchdog"}]
+    assert watchdog["status"]["state"] == "active"
 
 
 # --- three replicas -------------------------------------------------------------
