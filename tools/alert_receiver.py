@@ -173,7 +173,11 @@ def _seconds(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Flags, each defaulting to a HELLO_RECEIVER_* environment variable; exit status 2 on a bad value."""
+    """Flags, each defaulting to a HELLO_RECEIVER_* environment variable; exit status 2 on a bad value.
+
+    The same scheme as hello_server.parse_args, repeated rather than imported:
+    compose mounts this file alone into a bare Python image.
+    """
     env = os.environ if environ is None else environ
     d = Config()
     parser = argparse.ArgumentParser(
