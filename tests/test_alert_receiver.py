@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -119,6 +120,13 @@ def test_what_is_not_a_webhook_payload_is_refused_with_400_and_not_written(recei
     status, text = receiver.post(body)
     assert status == 400
     assert error in text
+    assert receiver.lines() == []
+
+
+def test_a_bad_content_length_is_refused_at_once(receiver):
+    with socket.create_connection(("127.0.0.1", receiver.server.server_address[1]), timeout=10) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+        assert s.recv(1000).startswith(b"HTTP/1.1 400 ")
     assert receiver.lines() == []
 
 

@@ -100,10 +100,20 @@ class Output:
 class Handler(BaseHTTPRequestHandler):
     server_version = "alert_receiver"
     protocol_version = "HTTP/1.1"
+    # Per socket operation: a client that stops sending frees its thread.
+    timeout = 30
     output: Output  # set by make_server
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            # read(-1) would wait for the client to close the connection.
+            self._reply(HTTPStatus.BAD_REQUEST, "a Content-Length is required\n")
+            self.close_connection = True
+            return
         if length > MAX_BODY:
             self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes\n")
             self.close_connection = True

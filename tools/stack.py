@@ -363,6 +363,8 @@ def start_alerting(
                 f"--config.file={config}",
                 f"--storage.path={workdir / 'alertmanager'}",
                 f"--web.listen-address={host}:{port}",
+                # The links in notifications, instead of this machine's hostname.
+                f"--web.external-url=http://{host}:{port}",
                 "--cluster.listen-address=",
                 "--log.level=warn",
             ],
