@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -264,3 +266,40 @@ def test_replicas_are_discovered_from_a_file_summed_exactly_and_revived():
         assert s.revive() == [victim] and victim.restarts == 1
         assert s.stopped() is None
         stack.wait_until(lambda: values(s.prometheus_url, started) not in ([], [before]), TIMEOUT, "the new process")
+
+
+def test_the_docs_command_that_fires_the_alerts_makes_every_request_fail():
+    """docs/stack.md's `make stack HELLO_FAILURE_RATE=1`: make hands the variable to the app."""
+    require_tool("prometheus")
+    assert "make stack HELLO_FAILURE_RATE=1 " in (ROOT / "docs" / "stack.md").read_text()
+    cmd = [
+        "make",
+        "--no-print-directory",
+        "stack",
+        "HELLO_FAILURE_RATE=1",
+        "STACK_ARGS=--app-port 0 --prometheus-port 0",
+    ]
+    # Its own session: SIGINT to the group reaches make and stack.py, as Ctrl-C would.
+    with subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = []
+            while (line := proc.stdout.readline()) and "Ctrl-C" not in line:
+                lines.append(line)
+            app = re.search(r"^app +(http://127\.0\.0\.1:\d+)/hello ", "".join(lines), re.M)
+            assert app, "".join(lines)
+            statuses = []
+            for _ in range(5):
+                try:
+                    urllib.request.urlopen(app[1] + "/hello", timeout=10).close()
+                    statuses.append(200)
+                except urllib.error.HTTPError as e:
+                    statuses.append(e.code)
+            assert statuses == [500] * 5
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+    # make itself dies of the SIGINT, as on Ctrl-C; stack.py stops both cleanly.
+    assert "stack: stopped" in err, err
