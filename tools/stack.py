@@ -304,6 +304,35 @@ def _listening(process: subprocess.Popen[bytes], log: Path, what: str, start: in
         raise
 
 
+def _start_server(
+    name: str, binary: str, config: Path, host: str, port: int, workdir: Path, flags: Sequence[str]
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a Prometheus or an Alertmanager (they share these flags) and wait until it is ready.
+
+    Its log is workdir/NAME.log; returns the process and its base URL.
+    """
+    url = f"http://{host}:{port}"
+    log = workdir / f"{name}.log"
+    process = _spawn(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--web.listen-address={host}:{port}",
+            # The links in notifications and alerts, instead of this machine's hostname.
+            f"--web.external-url={url}",
+            "--log.level=warn",
+            *flags,
+        ],
+        log,
+    )
+    try:
+        _wait_ready(process, f"{url}/-/ready", log, name)
+    except BaseException:
+        stop_process(process)
+        raise
+    return process, url
+
+
 def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path, what: str) -> None:
     """Block until url answers 200; StackError if the process exits first."""
 
@@ -351,30 +380,20 @@ def start_alerting(
         stdout=notifications,
     )
     receiver_address = _listening(receiver, receiver_log, "the alert receiver")
-    alertmanager = None
     try:
         port = alertmanager_port or _free_port(host)
         config = workdir / "alertmanager.yml"
         config.write_text(render_alertmanager_config(receiver_address, timings=timings))
-        log = workdir / "alertmanager.log"
-        alertmanager = _spawn(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.path={workdir / 'alertmanager'}",
-                f"--web.listen-address={host}:{port}",
-                # The links in notifications, instead of this machine's hostname.
-                f"--web.external-url=http://{host}:{port}",
-                "--cluster.listen-address=",
-                "--log.level=warn",
-            ],
-            log,
+        alertmanager, url = _start_server(
+            "alertmanager",
+            binary,
+            config,
+            host,
+            port,
+            workdir,
+            [f"--storage.path={workdir / 'alertmanager'}", "--cluster.listen-address="],
         )
-        url = f"http://{host}:{port}"
-        _wait_ready(alertmanager, f"{url}/-/ready", log, "alertmanager")
     except BaseException:
-        if alertmanager is not None:
-            stop_process(alertmanager)
         stop_process(receiver)
         raise
     return Alerting(url, f"http://{receiver_address}", notifications, alertmanager, receiver)
@@ -441,16 +460,15 @@ def native_stack(
                     alertmanagers=[alerts.alertmanager_address] if alerts else [],
                 )
             )
-            log = work / "prometheus.log"
-            prometheus = _spawn(
+            prometheus, prometheus_url = _start_server(
+                "prometheus",
+                binary,
+                config,
+                host,
+                prom_port,
+                work,
                 [
-                    binary,
-                    f"--config.file={config}",
                     f"--storage.tsdb.path={work / 'data'}",
-                    f"--web.listen-address={host}:{prom_port}",
-                    # Each alert's link back to its graph, in every notification.
-                    f"--web.external-url=http://{host}:{prom_port}",
-                    "--log.level=warn",
                     # As in docker-compose.yml: keep the latency histogram's exemplars.
                     "--enable-feature=exemplar-storage",
                     # Alerts evaluated before the Alertmanager is discovered
@@ -458,10 +476,7 @@ def native_stack(
                     # this delay (default 1m): tests shorten it.
                     *([f"--rules.alert.resend-delay={alert_resend_delay}"] if alert_resend_delay else []),
                 ],
-                log,
             )
-            prometheus_url = f"http://{host}:{prom_port}"
-            _wait_ready(prometheus, f"{prometheus_url}/-/ready", log, "prometheus")
             yield Stack(apps, prometheus_url, work, prometheus, alerts)
         finally:
             if prometheus is not None:
