@@ -77,6 +77,7 @@ def alerting_stack(workdir: Path) -> Iterator[stack.Stack]:
         # Alerts evaluated before Prometheus has discovered Alertmanager are
         # dropped until the next resend (1m by default).
         alert_resend_delay="1s",
+        alerting=True,
         alertmanager_timings=TIMINGS,
         rules_dir=scaled_rules(workdir / "rules"),
     ) as running:

@@ -215,7 +215,18 @@ def test_the_banner_agrees_with_the_makefiles_defaults():
 
 def test_stack_on_other_ports_prints_commands_that_reach_them():
     require_tool("prometheus")
-    cmd = [sys.executable, str(ROOT / "tools" / "stack.py"), "--app-port", "0", "--prometheus-port", "0"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "stack.py"),
+        "--app-port",
+        "0",
+        "--prometheus-port",
+        "0",
+        "--alertmanager-port",
+        "0",
+        "--receiver-port",
+        "0",
+    ]
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None
@@ -277,7 +288,7 @@ def test_the_docs_command_that_fires_the_alerts_makes_every_request_fail():
         "--no-print-directory",
         "stack",
         "HELLO_FAILURE_RATE=1",
-        "STACK_ARGS=--app-port 0 --prometheus-port 0",
+        "STACK_ARGS=--app-port 0 --prometheus-port 0 --alertmanager-port 0 --receiver-port 0",
     ]
     # Its own session: SIGINT to the group reaches make and stack.py, as Ctrl-C would.
     with subprocess.Popen(
@@ -301,5 +312,5 @@ def test_the_docs_command_that_fires_the_alerts_makes_every_request_fail():
         finally:
             os.killpg(proc.pid, signal.SIGINT)
             _, err = proc.communicate(timeout=30)
-    # make itself dies of the SIGINT, as on Ctrl-C; stack.py stops both cleanly.
+    # make itself dies of the SIGINT, as on Ctrl-C; stack.py stops them all cleanly.
     assert "stack: stopped" in err, err

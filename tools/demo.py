@@ -62,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"demo: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # The terminal's Ctrl-C reaches the app and Prometheus too: no point
-        # going on without them.
+        # Ctrl-C reaches only this process (the stack runs in sessions of its
+        # own); leaving native_stack has already stopped the app and Prometheus.
         print("\ndemo: interrupted; app and Prometheus stopped", file=sys.stderr)
         return 130
     say("demo: app and Prometheus stopped")

@@ -409,14 +409,14 @@ def native_stack(
     host: str = "127.0.0.1",
     workdir: Path | None = None,
     replicas: int = 1,
-    alerting: bool = True,
+    alerting: bool = False,
     alertmanager_port: int = 0,
     receiver_port: int = 0,
     alertmanager_timings: Mapping[str, str] | None = None,
     rules_dir: Path = ROOT / "rules",
     alert_resend_delay: str | None = None,
 ) -> Iterator[Stack]:
-    """Start replicas of the app, Prometheus and (unless alerting is False) Alertmanager; stop them all on exit.
+    """Start replicas of the app, Prometheus and (with alerting) Alertmanager; stop them all on exit.
 
     Ports 0 pick free ones; app_port P gives the replicas P, P+1, ... app_args
     go to hello_server.py (e.g. ["--failure-rate", "1"]). Logs and the TSDB
@@ -572,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prometheus_port=args.prometheus_port,
             workdir=args.workdir,
             replicas=args.replicas,
+            alerting=True,
             alertmanager_port=args.alertmanager_port,
             receiver_port=args.receiver_port,
         ) as stack:
