@@ -133,6 +133,15 @@ def test_the_loopback_version_points_at_the_receiver_and_scales_every_route(tmp_
     assert amtool_check(path).returncode == 0
 
 
+def test_a_config_without_the_receiver_it_rewrites_is_refused(tmp_path):
+    # A webhook moved to another host:port would leave the loopback stack's
+    # Alertmanager posting to a name that does not resolve: say so instead.
+    moved = tmp_path / "alertmanager.yml"
+    moved.write_text(CONFIG.read_text().replace(stack.RECEIVER, "receiver.example:5001"))
+    with pytest.raises(stack.StackError, match="no webhook at alert-receiver:5001"):
+        stack.render_alertmanager_config("127.0.0.1:5555", source=moved)
+
+
 @pytest.mark.parametrize(("alertmanagers", "expected"), [(["127.0.0.1:9999"], ["127.0.0.1:9999"]), ([], None)])
 def test_prometheus_sends_alerts_to_the_alertmanager_it_is_given(alertmanagers, expected):
     targets = {"hello": "127.0.0.1:1", "prometheus": "127.0.0.1:2"}

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import yaml
 
 from promapi import query
+from traffic import DEFAULT_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = "listening on http://"
@@ -110,11 +111,17 @@ def render_alertmanager_config(
     of every route, so a test sees notifications within seconds.
     """
     config = yaml.safe_load(source.read_text())
+    rewritten = 0
     for entry in config.get("receivers", []):
         for hook in entry.get("webhook_configs", []):
             url = urllib.parse.urlsplit(hook["url"])
             if url.netloc == RECEIVER:
                 hook["url"] = url._replace(netloc=receiver).geturl()
+                rewritten += 1
+    if not rewritten:
+        # Else the loopback Alertmanager would post to a host that does not
+        # resolve here, and notifications would silently go nowhere.
+        raise StackError(f"{source.name} has no webhook at {RECEIVER}; stack.py rewrites only that receiver's URL")
     routes = [config["route"]]
     while timings and routes:
         route = routes.pop()
@@ -496,7 +503,7 @@ def _at_least_one(text: str) -> int:
 
 # The Makefile's defaults: its `make load`, `make queries` and `make report`
 # reach the stack only on these.
-MAKE_APP_URL = "http://127.0.0.1:8080"
+MAKE_APP_URL = DEFAULT_URL.removesuffix("/hello")
 MAKE_PROMETHEUS = "http://localhost:9090"
 MAKE_LOAD_ARGS = "--rate 100 --duration 30 --audit"
 
