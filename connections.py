@@ -268,7 +268,9 @@ class GuardedHandler(BaseHTTPRequestHandler):
         self.close_connection = False
         while True:
             self.waiting = True
-            if server.stopping:
+            # A first request has already sent its first byte (the lobby
+            # waited for it): it is answered, with Connection: close.
+            if server.stopping and not first:
                 reader.expired = SHUTDOWN
                 break
             try:

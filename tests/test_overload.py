@@ -354,6 +354,21 @@ def test_shutdown_closes_idle_connections_at_once_and_finishes_the_rest(start) -
     expect_metrics(r, [*closed(shutdown=1, normal=2), ("http_connections_open", {}, 0)])
 
 
+def test_a_request_that_arrives_as_shutdown_begins_is_answered(start) -> None:
+    # serve() marks the server stopping before the accept loop has stopped:
+    # a connection the lobby hands over then has its request waiting and is
+    # answered (Connection: close), not dropped as if it were idle.
+    r = start()
+    r.server.stopping = True
+    sock = connect(r)
+    sock.sendall(REQUEST)
+    status, headers, body = split_response(b"".join(iter(lambda: sock.recv(65536), b"")))
+    sock.close()
+    assert (status, body, headers["connection"]) == (200, HELLO_OK, "close")
+    wait_until(lambda: r.value("http_connections_open") == 0)
+    expect_metrics(r, [*closed(normal=1), ("response_status_total", {"status": "200"}, 1)])
+
+
 def test_sigterm_drains_idle_mid_read_and_in_flight_connections(process) -> None:  # noqa: F811 (the fixture)
     # --seed 17: the first /hello delay is over 0.5 s of --max-delay 1.
     p = process("--max-delay", "1", "--failure-rate", "0", "--seed", "17", "--access-log", "off")
