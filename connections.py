@@ -372,13 +372,13 @@ class GuardedServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
+            # The stdlib's: finish_request, handle_error, shutdown_request.
+            super().process_request_thread(request, client_address)
         finally:
+            # Also when the handler failed before handle() took its entry.
+            self.accepted_at.pop(request, None)
             with self._handlers_lock:
                 handler = self._handlers.pop(request, None)
-            self.shutdown_request(request)
             self.connections.release(handler.close_reason if handler else NORMAL)
 
     def shutdown_request(self, request: Any) -> None:
