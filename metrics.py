@@ -9,8 +9,8 @@ in. ``instrument(handler_class, metrics)`` returns a subclass of your
 - ``http_response_time_seconds{path}``     latency (a histogram)
 - ``http_requests_in_flight``              saturation
 
-Every request gets an id: the trace id of a valid incoming W3C ``traceparent``
-header, else a new random one. The handler has it as ``self.trace_id`` (for
+Every request the handler answers gets an id: the trace id of a valid
+incoming W3C ``traceparent`` header, else a new random one. The handler has it as ``self.trace_id`` (for
 your access log), sends it back in an ``X-Request-Id`` header, and the latency
 histogram keeps, per bucket, the id, duration and time of the latest request
 that landed there: an exemplar, exposed in the OpenMetrics format only.
@@ -267,7 +267,8 @@ class InstrumentedHandler(BaseHTTPRequestHandler):
     (the client hung up, or the handler raised and your server dropped the
     connection) is not recorded: no client saw a status.
 
-    Every response carries an ``X-Request-Id`` header with the request's id,
+    Every response it sends (HTTP/0.9 ones have no headers) carries an
+    ``X-Request-Id`` header with the request's id,
     ``self.trace_id``, which is also its latency bucket's exemplar: the trace
     id of a valid ``traceparent`` header, else a new one. An invalid header is
     ignored, so ``self.trace_id`` is always 32 hex digits, safe to log.
